@@ -1,0 +1,157 @@
+"""Every engine config, validated in __post_init__.
+
+Owns: `EngineConfig` (the engine flags shared by the CLI, `LLM(...)` and the server),
+size parsing ("2GiB"), and resolving "auto" device/dtype. Nothing else parses flags:
+the CLI builds its argparse options from `ENGINE_FLAGS` below.
+Must not: import the model, engine or server (this module sits below all of them).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+import torch
+
+from tidal.errors import TidalError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(value: str | int | float | None, name: str) -> int | None:
+    """'2GiB', '512MB', '1.5G' or a plain byte count -> bytes."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise TidalError(f"--{name.replace('_', '-')} '{value}' is not a size; write it like 2GiB, 512MiB or 4000000000",
+                         param=name)
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TidalError(f"--device '{device}' is not a device; use cpu, cuda, cuda:N or auto", param="device")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TidalError("--device cuda was asked for but torch sees no CUDA device (CPU build of torch, or no GPU); "
+                         "use --device cpu, or install a CUDA build of torch", param="device")
+    if dev.type not in ("cpu", "cuda"):
+        raise TidalError(f"--device '{device}' is not supported; use cpu or cuda", param="device")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves the bytes streamed per decoded token and runs matmuls faster on CPUs with
+        # AVX512-BF16/AMX and on every recent GPU; fp32 is the safe fallback.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_fast_bf16() else torch.float32
+    if dtype not in _DTYPES:
+        raise TidalError(f"--dtype '{dtype}' is not supported; use auto, float32, bfloat16 or float16", param="dtype")
+    result = _DTYPES[dtype]
+    try:  # a dtype the device cannot run fails here, with a message, not in the middle of a forward pass
+        a = torch.ones(4, 4, dtype=result, device=device)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise TidalError(f"--dtype {dtype} cannot run on {device} ({str(e).splitlines()[0]}); "
+                         "use --dtype float32", param="dtype")
+    if device.type == "cuda" and result == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise TidalError(f"--dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; "
+                         "use --dtype float16", param="dtype")
+    return result
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2"
+    tokenizer: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_mem: str | int | None = None          # KV cache pool size; default: a share of free memory
+    num_kv_blocks: int | None = None         # overrides kv_mem (tests use tiny pools)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    quant: str = "none"
+    kv_quant: str = "none"
+    device_mem: str | int | None = None
+    host_mem: str | int | None = None
+    offload_dir: str | None = None
+    policy: str = "auto"
+    load_format: str = "auto"
+    enforce_eager: bool = False
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size > 1024:
+            raise TidalError(f"--block-size {self.block_size} must be between 1 and 1024", param="block_size")
+        if self.max_num_seqs < 1:
+            raise TidalError("--max-num-seqs must be at least 1", param="max_num_seqs")
+        if self.max_num_batched_tokens < 1:
+            raise TidalError("--max-num-batched-tokens must be at least 1", param="max_num_batched_tokens")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise TidalError("--max-model-len must be at least 1", param="max_model_len")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise TidalError("--num-kv-blocks must be at least 1", param="num_kv_blocks")
+        for name in ("quant", "kv_quant"):
+            if getattr(self, name) not in ("none", "int8", "int4"):
+                raise TidalError(f"--{name.replace('_', '-')} must be none, int8 or int4", param=name)
+        if self.load_format not in ("auto", "dummy"):
+            raise TidalError("--load-format must be auto or dummy", param="load_format")
+        self.kv_mem_bytes = parse_size(self.kv_mem, "kv_mem")
+        self.device_mem_bytes = parse_size(self.device_mem, "device_mem")
+        self.host_mem_bytes = parse_size(self.host_mem, "host_mem")
+        self.torch_device = resolve_device(self.device)
+        self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TidalError(f"unknown engine argument(s) {unknown}; known ones are {sorted(known)}")
+        if model is not None:
+            kwargs["model"] = model
+        return cls(**kwargs)
+
+
+# CLI flags built from EngineConfig: (field, type, help). `tidal` subcommands share these.
+ENGINE_FLAGS = [
+    ("model", str, "HF checkpoint directory, .gguf file, hub id, or alias (default: smollm2)"),
+    ("tokenizer", str, "tokenizer directory, if not the model's"),
+    ("device", str, "cpu, cuda, cuda:N or auto"),
+    ("dtype", str, "auto, float32, bfloat16 or float16"),
+    ("seed", int, "engine seed (requests without their own seed draw from it)"),
+    ("max_model_len", int, "context length limit (default: the model's)"),
+    ("block_size", int, "tokens per KV cache block"),
+    ("kv_mem", str, "KV cache pool size, e.g. 2GiB"),
+    ("num_kv_blocks", int, "KV cache pool size in blocks (overrides --kv-mem)"),
+    ("max_num_seqs", int, "most sequences in one batch"),
+    ("max_num_batched_tokens", int, "token budget of one engine step"),
+    ("quant", str, "weight quantization: none, int8, int4"),
+    ("kv_quant", str, "KV cache quantization: none, int8, int4"),
+    ("device_mem", str, "device memory budget, e.g. 16GiB"),
+    ("host_mem", str, "host memory budget, e.g. 64GiB"),
+    ("offload_dir", str, "directory for weights offloaded to disk"),
+    ("policy", str, "offloading policy: auto or an explicit policy string"),
+    ("load_format", str, "auto, or dummy (random weights, no files)"),
+]

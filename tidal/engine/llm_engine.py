@@ -1,0 +1,229 @@
+"""The engine loop: schedule -> execute -> update.
+
+Owns: `LLMEngine` (add_request / abort_request / step), admission checks (prompt too long,
+cache too small), n > 1 fan-out into sibling requests, stop conditions, incremental
+detokenization into text deltas, KV-block bookkeeping after each step, and the engine stats
+the server's metrics read.
+Must not: know about HTTP or threads (the async engine and server sit above it).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from tidal.config import EngineConfig
+from tidal.engine.detokenizer import IncrementalDetokenizer
+from tidal.engine.model_runner import ModelRunner
+from tidal.engine.request import Request, RequestStatus
+from tidal.engine.scheduler import Scheduler
+from tidal.errors import TidalError
+from tidal.kv.block_manager import BlockManager
+from tidal.outputs import CompletionOutput, RequestOutput
+from tidal.sampling import SamplingParams
+
+
+@dataclass
+class _Parent:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    arrival_time: float
+    first_token_time: float | None = None
+    deltas: dict = field(default_factory=dict)   # child index -> (delta text, delta token ids) since last step
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, verbose: bool = False):
+        if config.quant != "none" or config.kv_quant != "none" or config.policy != "auto" \
+                or config.device_mem_bytes or config.host_mem_bytes or config.offload_dir:
+            raise TidalError("quantization and offloading flags (--quant, --kv-quant, --device-mem, --host-mem, "
+                             "--offload-dir, --policy) are not available in this version of tidal yet; drop them")
+        self.config = config
+        self.runner = ModelRunner(config, verbose=verbose)
+        ckpt = self.runner.checkpoint
+        if config.tokenizer:
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        else:
+            self.tokenizer = ckpt.load_tokenizer()
+        self.eos_token_ids = _eos_ids(self.tokenizer, ckpt.hf_config)
+        self.runner.eos_token_ids = self.eos_token_ids
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self._rng = random.Random(config.seed)
+        self._parents: dict[str, _Parent] = {}
+        self._requests: dict[str, Request] = {}
+        self._counter = 0
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0}
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int] | None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = str(self._counter)
+            self._counter += 1
+        if request_id in self._parents:
+            raise TidalError(f"request id '{request_id}' is already in use", param="request_id")
+        if isinstance(prompt, list):
+            prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise TidalError("a request needs a prompt string or prompt token ids", param="prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        self._check_admission(prompt_token_ids, params)
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        children = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
+            cid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(cid, list(prompt_token_ids), params, seed, priority=priority, arrival_time=now,
+                          parent_id=request_id, index=i)
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
+            if params.logprobs is not None:
+                req.logprobs = []
+            children.append(req)
+            self._requests[cid] = req
+            self.scheduler.add(req)
+        self._parents[request_id] = _Parent(prompt, list(prompt_token_ids), children, now)
+        return request_id
+
+    def _check_admission(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise TidalError("the prompt is empty; give at least one token", param="prompt")
+        if n >= self.max_model_len:
+            raise TidalError(f"the prompt has {n} tokens but this model's context is {self.max_model_len} tokens "
+                             "(prompt plus at least one generated token); shorten the prompt", param="prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            raise TidalError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.runner.vocab_size - 1})",
+                             param="prompt")
+        total = min(n + (params.max_tokens or self.max_model_len), self.max_model_len)
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise TidalError(f"the request needs up to {total} tokens of KV cache but the whole cache holds "
+                             f"{capacity}; lower max_tokens or give the engine more --kv-mem", param="max_tokens")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks return to the pool. Returns its final output (finish_reason "abort")."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return None
+        for req in parent.children:
+            if not req.is_finished:
+                self._finish(req, "abort")
+        self.stats["aborted"] += 1
+        return self._make_output(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        touched: set[str] = {r.parent_id for r in batch.preempted}
+        if batch.requests:
+            tables = [self.block_manager.get_block_table(r.request_id) for r in batch.requests]
+            samples, prompt_lps = self.runner.execute(batch, tables)
+            now = time.monotonic()
+            for req, n in zip(batch.requests, batch.num_new_tokens):
+                req.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+                if req.request_id in prompt_lps:
+                    req.prompt_logprobs = (req.prompt_logprobs or []) + prompt_lps[req.request_id]
+                if req.request_id in samples:
+                    token, lp = samples[req.request_id]
+                    self._append_token(req, token, lp, now)
+                    touched.add(req.parent_id)
+        return [self._make_output(pid) for pid in touched if pid in self._parents]
+
+    def _append_token(self, req: Request, token: int, lp, now: float) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = now
+            parent = self._parents[req.parent_id]
+            parent.first_token_time = parent.first_token_time or now
+        req.output_token_ids.append(token)
+        self.stats["generation_tokens"] += 1
+        if lp is not None and req.logprobs is not None:
+            req.logprobs.append(lp)
+            req.cumulative_logprob += lp[token]
+        delta, stopped = req.detokenizer.append(token)
+        p = req.params
+        n_out = len(req.output_token_ids)
+        reason, stop_reason = None, None
+        if stopped:
+            reason, stop_reason = "stop", getattr(req.detokenizer, "stop_reason", None)
+        elif n_out >= p.min_tokens and token in (p.stop_token_ids or ()):
+            reason, stop_reason = "stop", token
+        elif n_out >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        elif req.num_tokens >= self.max_model_len:
+            reason = "length"
+        self._add_delta(req, delta, [token])
+        if reason is not None:
+            if not stopped:
+                self._add_delta(req, req.detokenizer.flush(), [])
+            req.stop_reason = stop_reason
+            self._finish(req, reason)
+
+    def _add_delta(self, req: Request, text: str, tokens: list[int]) -> None:
+        d = self._parents[req.parent_id].deltas
+        old_text, old_tokens = d.get(req.index, ("", []))
+        d[req.index] = (old_text + text, old_tokens + tokens)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        self.scheduler.remove(req)
+        req.status = RequestStatus.FINISHED
+        self.stats["finished"] += 1
+        self._requests.pop(req.request_id, None)
+
+    def _make_output(self, parent_id: str) -> RequestOutput:
+        parent = self._parents[parent_id]
+        outs = []
+        for req in parent.children:
+            text, toks = parent.deltas.get(req.index, ("", []))
+            outs.append(CompletionOutput(
+                index=req.index, text=req.detokenizer.output_text, token_ids=list(req.output_token_ids),
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                logprobs=list(req.logprobs) if req.logprobs is not None else None,
+                cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+                delta_text=text, delta_token_ids=toks))
+        parent.deltas.clear()
+        finished = all(r.is_finished for r in parent.children)
+        first = parent.children[0]
+        out = RequestOutput(parent_id, parent.prompt, parent.prompt_token_ids, outs, finished,
+                            prompt_logprobs=first.prompt_logprobs, num_cached_tokens=first.num_cached_tokens,
+                            metrics={"arrival_time": parent.arrival_time, "first_token_time": parent.first_token_time,
+                                     "finished_time": time.monotonic() if finished else None})
+        if finished:
+            del self._parents[parent_id]
+            self.stats["prompt_tokens"] += len(parent.prompt_token_ids)
+        return out
+
+    def kv_stats(self) -> dict:
+        return self.block_manager.stats()
+
+
+def _eos_ids(tokenizer, hf_config) -> set[int]:
+    ids = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

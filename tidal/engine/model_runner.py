@@ -1,0 +1,189 @@
+"""Runs the model for one scheduled batch.
+
+Owns: loading the model onto the device, the KV cache tensors (one pool, sized from
+--kv-mem / --num-kv-blocks), building the flat batch tensors (token ids, positions, slot
+mapping, block tables, sequence lengths), the forward pass, and sampling.
+Must not: decide who runs (the scheduler does) or touch request lifecycles (the engine does).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from tidal.config import EngineConfig
+from tidal.engine.request import Request
+from tidal.engine.scheduler import ScheduledBatch
+from tidal.errors import TidalError
+from tidal.kernels.metadata import AttentionMetadata, forward_context
+from tidal.model.registry import build_model, get_model_class
+from tidal.sampling import Sampler, SamplingMetadata
+from tidal.weights.loader import Checkpoint, open_checkpoint
+
+
+@dataclass
+class BatchLayout:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_idx: list[int]          # flat rows whose logits are sampled
+    sample_reqs: list[Request]
+    plp_rows: list
+
+_DEFAULT_CPU_KV_MEM = 2 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, verbose: bool = False):
+        self.config = config
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        t0 = time.perf_counter()
+        self.checkpoint = checkpoint or open_checkpoint(config.model)
+        hf = self.hf_config = self.checkpoint.hf_config
+        get_model_class(hf)  # unknown architecture -> clear error before any work
+        model_len = getattr(hf, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        self.model = build_model(hf, self.device, self.dtype, max_position=model_len)
+        self._load_weights(verbose)
+        self.load_seconds = time.perf_counter() - t0
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.block_size = config.block_size
+        self.num_blocks = self._num_blocks()
+        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        self.sampler = Sampler()
+        self.vocab_size = hf.vocab_size
+
+    def _load_weights(self, verbose: bool) -> None:
+        if self.config.load_format == "dummy":
+            gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
+            for p in self.model.parameters():
+                p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02)
+            return
+        tensors = self.checkpoint.iter_tensors(self.dtype)
+        if verbose:
+            tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
+        try:
+            self.model.load_weights((name, t.to(self.device, non_blocking=True)) for name, t in tensors)
+        except ValueError as e:
+            raise TidalError(f"{self.checkpoint.path}: weights do not fit the model ({e})", param="model") from None
+
+    def kv_bytes_per_block(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def _num_blocks(self) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        budget = self.config.kv_mem_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:
+                budget = _DEFAULT_CPU_KV_MEM
+        n = budget // self.kv_bytes_per_block()
+        if n < 1:
+            raise TidalError(f"--kv-mem {budget} bytes is smaller than one KV block "
+                             f"({self.kv_bytes_per_block()} bytes); give it more", param="kv_mem")
+        # never more blocks than every sequence at full length could use
+        return int(min(n, self.config.max_num_seqs * (self.max_model_len // self.block_size + 1)))
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, block_tables: list[list[int]]):
+        """Build the flat batch, write its K/V into the cache, and return (hidden [T, H], batch layout)."""
+        layout = self._prepare(batch, block_tables)
+        with forward_context(layout.meta, self.kv_caches):
+            hidden = self.model(layout.input_ids, layout.positions)
+        return hidden, layout
+
+    def _prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> "BatchLayout":
+        dev, bs = self.device, self.block_size
+        input_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
+        sample_idx, sample_reqs, plp_rows = [], [], []   # plp: (request, flat start, tokens) for prompt logprobs
+        for req, n, table in zip(batch.requests, batch.num_new_tokens, block_tables):
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            flat_start = len(input_ids)
+            input_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(n)
+            seq_lens.append(end)
+            if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens:
+                plp_rows.append((req, flat_start, min(end, req.num_prompt_tokens) - start))
+            if end == req.num_tokens:  # a chunk that stops short of the end samples nothing
+                sample_idx.append(len(input_ids) - 1)
+                sample_reqs.append(req)
+        max_blocks = max(len(t) for t in block_tables)
+        bt = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64)
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            block_tables=bt.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int64).to(dev, non_blocking=True),
+            query_lens_list=query_lens, seq_lens_list=seq_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs)
+        return BatchLayout(torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),
+                           torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True),
+                           meta, sample_idx, sample_reqs, plp_rows)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> tuple[dict[str, object], dict]:
+        """Run one step. Returns ({request_id: (token, logprobs)} for requests that reached their last
+        token, {request_id: prompt logprobs of this chunk})."""
+        dev = self.device
+        hidden, layout = self.forward(batch, block_tables)
+        sample_idx, sample_reqs, plp_rows = layout.sample_idx, layout.sample_reqs, layout.plp_rows
+        prompt_logprobs = self._prompt_logprobs(hidden, plp_rows) if plp_rows else {}
+        if not sample_reqs:
+            return {}, prompt_logprobs
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=dev)]).float()
+        smeta = SamplingMetadata.build(
+            [r.params for r in sample_reqs], [r.seed for r in sample_reqs],
+            [r.prompt_token_ids for r in sample_reqs], [r.output_token_ids for r in sample_reqs],
+            self.eos_token_ids, self.vocab_size, dev)
+        out = self.sampler(logits, smeta)
+        token_ids = out.token_ids.tolist()
+        chosen_lp = out.logprobs.tolist() if out.logprobs is not None else None
+        top = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist()) if out.top_logprobs is not None else None
+        results = {}
+        for i, req in enumerate(sample_reqs):
+            lp = None
+            if req.params.logprobs is not None and chosen_lp is not None:
+                lp = {token_ids[i]: chosen_lp[i]}
+                if top is not None:
+                    for v, t in list(zip(top[0][i], top[1][i]))[:req.params.logprobs]:
+                        lp.setdefault(t, v)
+            results[req.request_id] = (token_ids[i], lp)
+        return results, prompt_logprobs
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows) -> dict:
+        """Logprob of each prompt token given the ones before it, plus the top-k there."""
+        result = {}
+        for req, flat_start, n in rows:
+            start = req.num_computed_tokens
+            # position p predicts token p+1; the last prompt position predicts the first output, not a prompt token
+            n_pred = min(n, req.num_prompt_tokens - 1 - start)
+            entries = []
+            if n_pred > 0:
+                lps = torch.log_softmax(self.model.compute_logits(hidden[flat_start:flat_start + n_pred]).float(), -1)
+                targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + n_pred], device=lps.device)
+                chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
+                k = req.params.prompt_logprobs
+                topv, topi = lps.topk(k, dim=-1) if k > 0 else (None, None)
+                for j in range(n_pred):
+                    d = {int(targets[j]): chosen[j]}
+                    if k > 0:
+                        for v, t in zip(topv[j].tolist(), topi[j].tolist()):
+                            d.setdefault(t, v)
+                    entries.append(d)
+            result[req.request_id] = ([None] if start == 0 else []) + entries
+        return result

