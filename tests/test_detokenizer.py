@@ -34,7 +34,8 @@ def _byte_level():
 def _sentencepiece_like():
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    trainer_tok.train_from_iterator(CORPUS, trainer)
     trained = json.loads(trainer_tok.to_str())["model"]
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     for piece in sorted(trained["vocab"], key=trained["vocab"].get):
@@ -90,26 +91,36 @@ def test_deltas_add_up_to_the_full_decode(name, prompt, text, skip, eos_at):
     tok = TOKENIZERS[name]
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     out = tok.encode(text, add_special_tokens=False)
-    out.insert(min(eos_at, len(out)), tok.eos_token_id)  # a special token mid-output
+    # A special token mid-output, between characters (inside one it would make invalid UTF-8).
+    boundaries = [i for i in range(len(out) + 1) if "\ufffd" not in _decode(tok, out[:i])]
+    out.insert(boundaries[eos_at % len(boundaries)], tok.eos_token_id)
     deltas, stopped, _ = _run(tok, prompt_ids, out, skip_special_tokens=skip)
     expected = _expected_text(tok, prompt_ids, out, skip)
     assert not stopped and "".join(deltas) == expected
     assert ("</s>" in expected) == (not skip)
-    if "\ufffd" not in expected:
-        assert all("\ufffd" not in d for d in deltas)
+    assert all("\ufffd" not in d for d in deltas)  # a split character is never streamed half-done
 
 
 @pytest.mark.parametrize("name", list(TOKENIZERS))
 def test_random_token_ids_add_up_to_the_full_decode(name):
     # Arbitrary ids make invalid UTF-8 too (lone continuation bytes); the text must still add up.
     tok, rng = TOKENIZERS[name], random.Random(0)
+    pool = list(range(len(tok)))
+    if name == "sentencepiece":  # see below: lone byte tokens only make sense in valid runs
+        pool = [i for i in pool if not tok.convert_ids_to_tokens(i).startswith("<0x")]
     for _ in range(300):
-        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 8))]
-        out = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 25))]
+        prompt = rng.choices(pool, k=rng.randrange(0, 8))
+        out = rng.choices(pool, k=rng.randrange(1, 25))
         if not _decode(tok, prompt + out).startswith(_decode(tok, prompt)):
             continue  # prompt ends inside a character: the output's first character is not its own
+        expected = _expected_text(tok, prompt, out)
+        if name == "sentencepiece" and "\ufffd" in expected:
+            # ByteFallback decodes a run of byte tokens with any invalid byte as one U+FFFD per
+            # token, valid bytes included: earlier text depends on later tokens without bound.
+            # No incremental decoder can match that; it only happens on invalid UTF-8.
+            continue
         deltas, _, _ = _run(tok, prompt, out)
-        assert "".join(deltas) == _expected_text(tok, prompt, out)
+        assert "".join(deltas) == expected
 
 
 def test_leading_space_is_kept_after_a_prompt_and_dropped_at_the_start():
@@ -178,3 +189,12 @@ def test_held_back_text_is_released_by_flush():
     streamed = "".join(detok.append(t)[0] for t in tok.encode("hello </en", add_special_tokens=False))
     assert streamed == "hello " and detok.output_text == "hello "
     assert detok.flush() == "</en" and detok.output_text == "hello </en"
+
+
+def test_first_stop_string_to_complete_wins_even_inside_one_token():
+    tok = TOKENIZERS["byte_level"]
+    ids = tok.encode("héllo wörld", add_special_tokens=False)
+    assert len(ids) == 2  # " wörld" is a single token, so both stops complete in the same step
+    # Character by character, "wö" completes before "llo wörld"; token boundaries must not change that.
+    deltas, stopped, _ = _run(tok, [], ids, stop=["llo wörld", "wö"])
+    assert stopped and "".join(deltas) == "héllo "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tidal.errors import TidalError
-from tidal.sampling_rng import row_uniforms, to_int64_seed
+from tidal.sampling_rng import draw, to_int64_seed
 
 # Below this a temperature is treated as greedy: dividing by it would overflow float32.
 _GREEDY_EPS = 1e-5
@@ -270,22 +270,6 @@ def filter_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     if meta.min_p is not None:
         logits = apply_min_p(logits, meta.min_p)
     return logits
-
-
-def draw(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw with one counter-based uniform per row.
-
-    One uniform per row (not one per vocabulary entry, as an exponential race would need)
-    keeps the hashing O(B). The CDF is accumulated in float64 per row, so the chosen token
-    depends only on this row's logits and uniform, never on the rest of the batch.
-    """
-    cdf = logits.softmax(dim=-1).to(torch.float64).cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # Strictly below the total, so some entry of the CDF always exceeds it; the first entry
-    # that does has nonzero probability, so a masked (-inf) token can never be drawn.
-    target = torch.minimum(row_uniforms(seeds, steps)[:, None] * total,
-                           torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
 
 
 class Sampler:

@@ -1,12 +1,13 @@
-"""Counter-based random numbers for seeded sampling: one uniform per (seed, step).
+"""Counter-based random draws for seeded sampling: one uniform per (seed, step).
 
 Owns: `row_uniforms(seeds, steps)`, a stateless hash of each row's seed and the number of
-tokens that row has generated so far. Because the draw depends on nothing else (not the
-batch size, not the row's position, not what other requests did), a seeded request gives
-the same tokens alone or inside any batch, and a preempted request resumes identically.
+tokens that row has generated so far, and `draw`, which turns that uniform into a token id.
+Because the draw depends on nothing else (not the batch size, not the row's position, not
+what other requests did), a seeded request gives the same tokens alone or inside any batch,
+and a preempted request resumes identically.
 A per-row torch.Generator would need a Python loop per step and a host sync; this is a
 handful of vectorized int64 ops on [B] tensors, on any device.
-Must not: know about logits or sampling params (sampling.py turns the uniform into a token).
+Must not: know about sampling params or filtering (sampling.py does those before `draw`).
 """
 from __future__ import annotations
 
@@ -60,3 +61,19 @@ def row_uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     w2 = _word(lo, hi, st, 0x85A308D3)
     k = (w1 << 20) | (w2 >> 12)
     return (k.to(torch.float64) + 0.5) * (2.0 ** -52)
+
+
+def draw(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw with one counter-based uniform per row.
+
+    One uniform per row (not one per vocabulary entry, as an exponential race would need)
+    keeps the hashing O(B). The CDF is accumulated in float64 per row, so the chosen token
+    depends only on this row's logits and uniform, never on the rest of the batch.
+    """
+    cdf = logits.softmax(dim=-1).to(torch.float64).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so some entry of the CDF always exceeds it; the first entry
+    # that does has nonzero probability, so a masked (-inf) token can never be drawn.
+    target = torch.minimum(row_uniforms(seeds, steps)[:, None] * total,
+                           torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)

@@ -1,0 +1,267 @@
+"""Benchmarks: the shared workload, the JSON record, and the `tidal bench ...` subcommands.
+
+Owns: generating a throughput workload (random token ids from a seed, or a JSONL dataset) that
+tidal and the peer runners in bench/peers/ all replay, the record every benchmark writes
+(workload, engine, versions, machine, results, date), the printed table, and the registry of
+`tidal bench` subcommands (`throughput`, `compare`; `register_bench_command` adds more, e.g. `serve`).
+Must not: change engine behaviour; it only drives `LLM.generate` and times it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from tidal.errors import TidalError
+
+DEFAULT_NUM_PROMPTS, DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN = 64, (100, 512), (64, 256)
+MIN_TOKEN_ID = 100  # random ids stay clear of the special tokens at the bottom of the vocabulary
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+    seed: int
+    input_len: tuple[int, int]
+    output_len: tuple[int, int]
+    source: str = "random"
+
+    def summary(self) -> dict:
+        digest = hashlib.sha256(json.dumps([self.prompts, self.output_lens]).encode()).hexdigest()[:16]
+        return {"num_prompts": len(self.prompts), "input_len": list(self.input_len),
+                "output_len": list(self.output_len), "seed": self.seed, "source": self.source,
+                "total_input_tokens": sum(map(len, self.prompts)), "total_output_tokens": sum(self.output_lens),
+                "fingerprint": digest}
+
+
+def make_workload(num_prompts: int = DEFAULT_NUM_PROMPTS, input_len=DEFAULT_INPUT_LEN, output_len=DEFAULT_OUTPUT_LEN,
+                  seed: int = 0, vocab_size: int = 49152, dataset: str | None = None, tokenizer=None) -> Workload:
+    """Same arguments -> the same token ids on every machine (Python's Mersenne Twister, not torch)."""
+    if num_prompts < 1:
+        raise TidalError("--num-prompts must be at least 1", param="num_prompts")
+    for name, (lo, hi) in (("input-len", input_len), ("output-len", output_len)):
+        if not 1 <= lo <= hi:
+            raise TidalError(f"--{name} {lo}-{hi} must satisfy 1 <= low <= high", param=name)
+    if vocab_size <= MIN_TOKEN_ID:
+        raise TidalError(f"vocabulary of {vocab_size} is too small for random prompts (ids from {MIN_TOKEN_ID})")
+    rng = random.Random(seed)
+    out_lens = [rng.randint(*output_len) for _ in range(num_prompts)]
+    if dataset is None:
+        in_lens = [rng.randint(*input_len) for _ in range(num_prompts)]
+        prompts = [[rng.randrange(MIN_TOKEN_ID, vocab_size) for _ in range(n)] for n in in_lens]
+        return Workload(prompts, out_lens, seed, tuple(input_len), tuple(output_len))
+    prompts = _read_dataset(dataset, num_prompts, tokenizer)
+    lens = [len(p) for p in prompts]
+    return Workload(prompts, out_lens, seed, (min(lens), max(lens)), tuple(output_len), source=dataset)
+
+
+def _read_dataset(path: str, num_prompts: int, tokenizer) -> list[list[int]]:
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except OSError as e:
+        raise TidalError(f"cannot read --dataset '{path}' ({e.strerror})", param="dataset")
+    except ValueError as e:
+        raise TidalError(f"--dataset '{path}' is not JSONL ({e}); write one {{\"prompt\": ...}} per line")
+    texts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str) and r["prompt"]]
+    if len(texts) < num_prompts:
+        raise TidalError(f"--dataset '{path}' has {len(texts)} usable {{\"prompt\": ...}} lines; "
+                         f"lower --num-prompts to {len(texts)} or add prompts", param="dataset")
+    return [list(tokenizer.encode(t)) for t in texts[:num_prompts]]
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'100-512', '100:512' or '128' -> (low, high)."""
+    parts = text.replace(":", "-").split("-")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        lo = None
+    if lo is None or not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a length range; write LOW-HIGH (e.g. 100-512) or N")
+    return lo, hi
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS)
+    g.add_argument("--input-len", type=parse_range, default=DEFAULT_INPUT_LEN, help="LOW-HIGH, uniform (random ids)")
+    g.add_argument("--output-len", type=parse_range, default=DEFAULT_OUTPUT_LEN, help="LOW-HIGH, uniform; EOS ignored")
+    g.add_argument("--seed", type=int, default=0, help="workload seed")
+    g.add_argument("--dataset", default=None, help='JSONL of {"prompt": ...} lines instead of random ids')
+    g.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the JSON record here")
+    g.add_argument("--no-tqdm", action="store_true", help="no progress bar")
+
+
+def workload_from_args(args, vocab_size: int, tokenizer=None) -> Workload:
+    return make_workload(args.num_prompts, args.input_len, args.output_len, args.seed, vocab_size,
+                         args.dataset, tokenizer)
+
+
+# ---- the record ------------------------------------------------------------------------------
+def versions(**extra) -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for key, dist in (("torch", "torch"), ("transformers", "transformers"), ("tidal", "tidal")):
+        try:
+            out[key] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[key] = None
+    return {**out, **extra}
+
+
+def machine() -> dict:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def make_results(workload: Workload, elapsed_s: float, load_s: float | None, output_tokens: int | None = None,
+                 **extra) -> dict:
+    """Rates over the timed generation only (load excluded); output_tokens defaults to the workload's."""
+    out = workload.summary()["total_output_tokens"] if output_tokens is None else output_tokens
+    total = out + workload.summary()["total_input_tokens"]
+    return {"elapsed_s": round(elapsed_s, 3), "requests_per_s": round(len(workload.prompts) / elapsed_s, 4),
+            "output_tokens_per_s": round(out / elapsed_s, 2), "total_tokens_per_s": round(total / elapsed_s, 2),
+            "output_tokens": out, "load_s": None if load_s is None else round(load_s, 3), **extra}
+
+
+def make_record(workload: Workload, engine: dict, results: dict, extra_versions: dict | None = None) -> dict:
+    return {"benchmark": "throughput", "workload": workload.summary(), "engine": engine,
+            "versions": versions(**(extra_versions or {})), "machine": machine(), "results": results,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_record(record: dict, path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+
+
+def _label(r: dict) -> str:
+    e = r["engine"]
+    extra = f" bs={e['batch_size']}" if e.get("batch_size") else ""
+    return f"{e['name']} {e.get('dtype', '')}{extra}".strip()
+
+
+def format_table(records: list[dict]) -> str:
+    """One column per record, one row per figure: the side-by-side view."""
+    w = records[0]["workload"]
+    head = (f"workload: {w['num_prompts']} prompts, input {w['input_len'][0]}-{w['input_len'][1]} "
+            f"({w['total_input_tokens']} tok), output {w['output_len'][0]}-{w['output_len'][1]} "
+            f"({w['total_output_tokens']} tok), seed {w['seed']}, fingerprint {w['fingerprint']}")
+    if any(r["workload"]["fingerprint"] != w["fingerprint"] for r in records):
+        head += "\nWARNING: the records ran different workloads; they do not compare"
+    rows = [("", [_label(r) for r in records])]
+    for key, name in (("output_tokens_per_s", "output tok/s"), ("total_tokens_per_s", "total tok/s"),
+                      ("requests_per_s", "requests/s"), ("elapsed_s", "elapsed s"), ("load_s", "load s")):
+        rows.append((name, ["-" if r["results"].get(key) is None else f"{r['results'][key]:,.2f}" for r in records]))
+    width = max(12, *(len(c) for _, cells in rows for c in cells))
+    lines = [f"{name:<14}" + "".join(f"{c:>{width + 2}}" for c in cells) for name, cells in rows]
+    return "\n".join([head] + lines)
+
+
+# ---- `tidal bench` subcommands ---------------------------------------------------------------
+_COMMANDS: dict[str, tuple] = {}
+# Modules that register more subcommands when imported; a missing one is skipped (built in parallel).
+PLUGIN_MODULES = ["tidal.server.bench"]
+
+
+def register_bench_command(name: str, add_args, run, help: str = "") -> None:
+    """`add_args(parser, add_engine_flags)` declares the flags; `run(args, engine_kwargs) -> int` runs it."""
+    _COMMANDS[name] = (add_args, run, help)
+
+
+def add_bench_parser(parser: argparse.ArgumentParser, add_engine_flags) -> None:
+    import importlib
+    for mod in PLUGIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name is None or not mod.startswith(e.name):
+                raise
+    sub = parser.add_subparsers(dest="bench_command", required=True)
+    for name, (add_args, run, help_text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p, add_engine_flags)
+        p.set_defaults(bench_run=run)
+
+
+def run_bench_cli(args, engine_kwargs: dict) -> int:
+    return args.bench_run(args, engine_kwargs) or 0
+
+
+def _throughput_args(p, add_engine_flags) -> None:
+    add_workload_args(p)
+    p.add_argument("--warmup", type=int, default=1, help="short warmup requests before timing (default 1)")
+    add_engine_flags(p)
+
+
+def run_throughput(args, engine_kwargs: dict) -> int:
+    from tidal import LLM, SamplingParams
+    llm = LLM(**engine_kwargs)
+    runner, cfg = llm.engine.runner, llm.config
+    wl = workload_from_args(args, runner.vocab_size, llm.tokenizer)
+    limit = max(len(p) + n for p, n in zip(wl.prompts, wl.output_lens))
+    if limit > llm.engine.max_model_len:
+        raise TidalError(f"the workload needs {limit} tokens of context but the model allows "
+                         f"{llm.engine.max_model_len}; lower --input-len / --output-len", param="input_len")
+    prompts = [{"prompt_token_ids": p} for p in wl.prompts]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in wl.output_lens]
+    if args.warmup > 0:
+        llm.generate([{"prompt_token_ids": list(range(MIN_TOKEN_ID, MIN_TOKEN_ID + 16))}] * args.warmup,
+                     SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=not args.no_tqdm)
+    elapsed = time.perf_counter() - t0
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if produced != sum(wl.output_lens):
+        print(f"tidal bench: warning: {produced} output tokens, the workload asked for {sum(wl.output_lens)}",
+              file=sys.stderr)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("model",)}
+    engine = {"name": "tidal", "model": cfg.model, "model_path": runner.checkpoint.path,
+              "dtype": str(cfg.torch_dtype).removeprefix("torch."), "device": str(cfg.torch_device),
+              "args": {**settings, "num_kv_blocks": runner.num_blocks}}
+    record = make_record(wl, engine, make_results(wl, elapsed, runner.load_seconds, produced))
+    print(format_table([record]))
+    write_record(record, args.json_path)
+    return 0
+
+
+def _compare_args(p, add_engine_flags) -> None:
+    p.add_argument("records", nargs="+", help="JSON records written by --json")
+
+
+def run_compare(args, engine_kwargs: dict) -> int:
+    records = []
+    for path in args.records:
+        try:
+            with open(path) as f:
+                records.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise TidalError(f"cannot read benchmark record '{path}' ({e})")
+    print(format_table(records))
+    return 0
+
+
+register_bench_command("throughput", _throughput_args, run_throughput,
+                       "offline throughput: replay a fixed workload through LLM.generate and time it")
+register_bench_command("compare", _compare_args, run_compare, "print JSON records side by side")

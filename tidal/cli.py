@@ -1,0 +1,172 @@
+"""The `tidal` command: chat, generate, bench (later: serve, batch, plan, gateway).
+
+Owns: argparse for every subcommand (engine flags come from config.ENGINE_FLAGS, so names
+match `LLM(...)` and the server), streaming text to the terminal, and turning a TidalError
+into one clear line on stderr with exit code 2 instead of a traceback.
+Must not: implement engine behaviour; it only calls the engine and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from tidal.errors import TidalError
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed",)) -> None:
+    """Engine flags; `--seed` is the sampling seed on chat/generate, so the engine's is skipped there."""
+    from tidal.config import ENGINE_FLAGS
+    g = p.add_argument_group("engine")
+    for name, typ, help_text in ENGINE_FLAGS:
+        if name in skip:
+            continue
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="turn prefix caching off")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    from tidal.config import ENGINE_FLAGS
+    names = [n for n, _, _ in ENGINE_FLAGS if n != "seed"] + ["enable_prefix_caching"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _sampling(args):
+    from tidal.sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def _make_engine(args):
+    from tidal.config import EngineConfig
+    from tidal.engine.llm_engine import LLMEngine
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)), verbose=True)
+    if os.environ.get("TIDAL_VERBOSE"):
+        print(f"[tidal] model ready in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return engine
+
+
+def _stream(engine, prompt_token_ids: list[int], params, out=sys.stdout) -> str:
+    """Run one request to completion, printing each text delta as it arrives."""
+    rid = engine.add_request(None, None, params, prompt_token_ids=prompt_token_ids)
+    text = ""
+    try:
+        while True:
+            for o in engine.step():
+                if o.request_id != rid:
+                    continue
+                delta = o.outputs[0].delta_text
+                if delta:
+                    out.write(delta)
+                    out.flush()
+                if o.finished:
+                    out.write("\n")
+                    return o.outputs[0].text
+    except KeyboardInterrupt:
+        engine.abort_request(rid)
+        out.write("\n")
+        return text
+
+
+def cmd_chat(args) -> int:
+    engine = _make_engine(args)
+    tok = engine.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise TidalError("this model has no chat template; use `tidal generate --prompt ...` instead")
+    params = _sampling(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+
+    def ask(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        reply = _stream(engine, ids, params)
+        messages.append({"role": "assistant", "content": reply})
+
+    if args.prompt:
+        ask(" ".join(args.prompt))
+        return 0
+    print("tidal chat — type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            del messages[1 if args.system else 0:]
+            continue
+        if line:
+            ask(line)
+
+
+def cmd_generate(args) -> int:
+    engine = _make_engine(args)
+    ids = engine.tokenizer.encode(args.prompt)
+    if args.echo:
+        sys.stdout.write(args.prompt)
+    _stream(engine, ids, _sampling(args))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tidal.bench import run_bench_cli
+    return run_bench_cli(args, engine_kwargs(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="tidal: LLM inference engine and server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="chat with a model (streams the reply; interactive without a prompt)")
+    p.add_argument("prompt", nargs="*", help="one message; omit for an interactive session")
+    p.add_argument("--system", default=None, help="system message")
+    _add_engine_flags(p)
+    _add_sampling_flags(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="raw text completion of a prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    _add_engine_flags(p)
+    _add_sampling_flags(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+
+    try:
+        from tidal.bench import add_bench_parser
+    except ImportError:
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        p = sub.add_parser("bench", help="benchmarks: throughput (offline engine)")
+        add_bench_parser(p, _add_engine_flags)
+        p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except TidalError as e:
+        print(f"tidal: error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

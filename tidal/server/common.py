@@ -1,0 +1,221 @@
+"""What chat and completions share: the server context, request -> SamplingParams, tokenization
+off the event loop, running engine requests until done or until the client leaves, and SSE.
+
+Owns: `ServerContext`, `sampling_params`, `run_requests` (one or many prompts, merged in arrival
+order, aborted when the client goes away or the handler is cancelled), `SSEResponse` (a streaming
+response that aborts its requests however the stream ends) and `sse`.
+Must not: know the JSON shapes of chat or completion responses (serving_*.py own those).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from tidal.engine.async_engine import AsyncEngine, RequestStream
+from tidal.errors import TidalError
+from tidal.sampling import SamplingParams
+from tidal.server.errors import APIError
+from tidal.server.metrics import RequestTracker, ServerMetrics
+from tidal.server.protocol import MAX_N
+
+
+class ServerContext:
+    def __init__(self, engine: AsyncEngine, served_model_name: str, model_aliases: tuple[str, ...] = ()):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.served_model_name = served_model_name
+        self.model_names = {served_model_name, *model_aliases}
+        self.metrics = ServerMetrics(engine, served_model_name)
+        self.created = int(time.time())
+        # One worker: HF tokenizers may fail with "Already borrowed" when one instance is used from
+        # several threads at once, and tokenizing a long prompt on the event loop would stall it.
+        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-tokenize")
+
+    def check_model(self, model: str | None) -> str:
+        if model is not None and model not in self.model_names:
+            raise APIError(f"the model `{model}` does not exist; this server serves `{self.served_model_name}` "
+                           "(see GET /v1/models)", status=404, param="model", code="model_not_found")
+        return self.served_model_name
+
+    async def run_in_tokenizer(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn, *args)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self.run_in_tokenizer(lambda: list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+
+    async def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError("this model has no chat template; use /v1/completions with a plain prompt",
+                           param="messages")
+
+        def work():
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+            return list(out["input_ids"] if hasattr(out, "keys") else out)
+        try:
+            return await self.run_in_tokenizer(work)
+        except (ValueError, TypeError, KeyError) as e:   # jinja's TemplateError is an Exception subclass too
+            raise APIError(f"the chat template rejected these messages: {e}", param="messages")
+        except Exception as e:
+            if type(e).__module__.startswith("jinja2"):
+                raise APIError(f"the chat template rejected these messages: {e}", param="messages")
+            raise
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def close(self) -> None:
+        self._tok_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -> SamplingParams:
+    """Map request fields onto SamplingParams; its own checks raise TidalError(param=...) -> 400."""
+    if req.logit_bias:
+        raise APIError("logit_bias is not supported yet; drop it", param="logit_bias")
+    kw = dict(n=n, max_tokens=max_tokens, stop=req.stop, seed=req.seed, logprobs=logprobs,
+              ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, stop_token_ids=req.stop_token_ids,
+              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                 "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:   # None = the knob's neutral default (OpenAI's temperature default is 1)
+            kw[name] = value
+    return SamplingParams(**kw)
+
+
+def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams, num_prompts: int = 1) -> None:
+    """Reject n (times prompts) that could never be served at once by the whole KV cache."""
+    if params.n > MAX_N:
+        raise APIError(f"n must be at most {MAX_N}, got {params.n}", param="n")
+    per_seq = min(prompt_len + (params.max_tokens or ctx.engine.max_model_len), ctx.engine.max_model_len)
+    need = per_seq * params.n
+    if params.n > 1 and need > ctx.engine.kv_capacity_tokens:
+        raise APIError(f"n={params.n} samples of up to {per_seq} tokens need {need} tokens of KV cache but it holds "
+                       f"{ctx.engine.kv_capacity_tokens}; lower n or max_tokens", param="n")
+
+
+async def add_requests(ctx: ServerContext, base_id: str, prompts: list[list[int]], params: SamplingParams,
+                       priority: int) -> list[RequestStream]:
+    """Admit every prompt or none: if one is rejected, the ones already added are aborted."""
+    streams: list[RequestStream] = []
+    try:
+        for i, ids in enumerate(prompts):
+            rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+            streams.append(await ctx.engine.add_request(rid, ids, params, priority))
+    except BaseException:
+        for s in streams:
+            s.abort()
+        raise
+    return streams
+
+
+async def iterate(ctx: ServerContext, streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
+    """(prompt index, RequestOutput) as outputs arrive, over all streams; records metrics; aborts
+    every unfinished stream when the consumer stops early (disconnect, cancellation, error)."""
+    trackers = [ctx.metrics.tracker() for _ in streams]
+    try:
+        if len(streams) == 1:
+            async for out in streams[0]:
+                trackers[0].observe(out)
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, s: RequestStream):
+            try:
+                async for out in s:
+                    queue.put_nowait((i, out, None))
+            except BaseException as e:   # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((i, None, e))
+            finally:
+                queue.put_nowait((i, None, StopAsyncIteration()))
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                i, out, err = await queue.get()
+                if isinstance(err, StopAsyncIteration):
+                    remaining -= 1
+                elif err is not None:
+                    raise err
+                else:
+                    trackers[i].observe(out)
+                    yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+    finally:
+        for s, t in zip(streams, trackers):
+            if not s.finished:
+                s.abort()
+                t.finish(aborted=True)
+
+
+async def until_disconnect(request: Request, coro):
+    """Await coro, but cancel it (which aborts its engine requests) if the client goes away first."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except BaseException:   # noqa: BLE001 - the client is gone; there is nobody to tell
+            pass
+        raise APIError("the client closed the connection", status=499, code="client_closed_request")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events whose `on_close` runs however the response ends: completed, client gone
+    (Starlette cancels the body iterator), or failed, so engine requests are never left running."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close: Callable[[], None]):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:   # runs the generator's own cleanup now, not at garbage collection
+                try:
+                    await close()
+                except RuntimeError:   # already running or closed: its cleanup ran or is running
+                    pass
+
+
+__all__ = ["ServerContext", "TidalError", "sampling_params", "check_fits", "add_requests", "iterate",
+           "until_disconnect", "sse", "SSEResponse", "new_id"]

@@ -1,0 +1,142 @@
+"""POST /v1/chat/completions: messages -> chat template -> engine -> chat.completion(.chunk) JSON.
+
+Owns: validating what only chat has (messages, tools, response_format, top_logprobs), the
+`chat.completion` response and the `chat.completion.chunk` SSE stream (role chunk first, text
+deltas, one finish chunk per choice, optional usage chunk, `[DONE]`), and chat logprobs.
+Must not: tokenize outside the tokenizer worker or touch the engine other than through common.py.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, new_id,
+                                 sampling_params, sse, until_disconnect)
+from tidal.server.errors import APIError, from_exception
+from tidal.server.protocol import ChatCompletionRequest
+
+
+def _messages(req: ChatCompletionRequest) -> list[dict]:
+    if not req.messages:
+        raise APIError("`messages` is empty; give at least one message", param="messages")
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or not isinstance(part.text, str):
+                    raise APIError(f"messages[{i}] has a `{part.type}` content part; this model takes text only",
+                                   param=f"messages.{i}.content")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        # The template knows system/user/assistant; "developer" is OpenAI's newer name for system.
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+def _logprob_entry(ctx: ServerContext, token_id: int, lp: dict[int, float], top: int) -> dict:
+    def item(tid: int, value: float) -> dict:
+        s = ctx.decode_token(tid)
+        return {"token": s, "logprob": max(value, -9999.0), "bytes": list(s.encode("utf-8"))}
+    entry = item(token_id, lp[token_id])
+    ranked = sorted(lp.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    entry["top_logprobs"] = [item(t, v) for t, v in ranked]
+    return entry
+
+
+def _logprobs(ctx, token_ids, logprobs, top) -> dict | None:
+    if logprobs is None:
+        return None
+    return {"content": [_logprob_entry(ctx, t, lp, top) for t, lp in zip(token_ids, logprobs)]}
+
+
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request):
+    model = ctx.check_model(req.model)
+    messages = _messages(req)
+    if req.tools:
+        raise APIError("tools / function calling is not supported yet; drop `tools`", param="tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise APIError("tool_choice needs tools, which are not supported yet", param="tool_choice")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
+    top = req.top_logprobs or 0
+    prompt_ids = await ctx.apply_chat_template(messages, req.add_generation_prompt)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = sampling_params(req, max_tokens, top if req.logprobs else None, req.n)
+    check_fits(ctx, len(prompt_ids), params)
+    rid = new_id("chatcmpl")
+    streams = await add_requests(ctx, rid, [prompt_ids], params, req.priority)
+    head = {"id": rid, "created": int(time.time()), "model": model}
+    if req.stream:
+        opts = req.stream_options
+        gen = _stream(ctx, streams, head, len(prompt_ids), req.n, top,
+                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+        return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
+    final = await until_disconnect(raw, _last(ctx, streams))
+    choices, completion_tokens = [], 0
+    for c in final.outputs:
+        completion_tokens += len(c.token_ids)
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": _logprobs(ctx, c.token_ids, c.logprobs, top) if req.logprobs else None,
+                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+             "total_tokens": len(prompt_ids) + completion_tokens}
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+
+
+async def _last(ctx, streams):
+    final = None
+    async with aclosing(iterate(ctx, streams)) as outputs:
+        async for _, out in outputs:
+            final = out
+    return final
+
+
+async def _stream(ctx, streams, head, prompt_len, n, top, include_usage, continuous_usage):
+    head = {**head, "object": "chat.completion.chunk"}
+    sent_tokens, finished = [0] * n, [False] * n
+
+    def chunk(choices, usage_now=False):
+        body = {**head, "choices": choices}
+        if include_usage or continuous_usage:
+            body["usage"] = _usage(prompt_len, sum(sent_tokens)) if continuous_usage and usage_now else None
+        return sse(body)
+
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(n)])
+        async with aclosing(iterate(ctx, streams)) as outputs:
+            async for _, out in outputs:
+                choices = []
+                for c in out.outputs:
+                    i = c.index
+                    if finished[i]:
+                        continue
+                    new_ids = c.token_ids[sent_tokens[i]:]
+                    if not (c.delta_text or c.finish_reason or (c.logprobs is not None and new_ids)):
+                        continue
+                    lps = _logprobs(ctx, new_ids, c.logprobs[sent_tokens[i]:], top) if c.logprobs is not None else None
+                    sent_tokens[i] = len(c.token_ids)
+                    finished[i] = c.finish_reason is not None
+                    choices.append({"index": i, "delta": {"content": c.delta_text} if c.delta_text else {},
+                                    "logprobs": lps, "finish_reason": c.finish_reason,
+                                    "stop_reason": c.stop_reason})
+                if choices:
+                    yield chunk(choices, usage_now=True)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": _usage(prompt_len, sum(sent_tokens))})
+    except Exception as e:   # after the 200 went out, an error can only be an event in the stream
+        yield sse(from_exception(e)[1])
+    yield sse("[DONE]")
+
+
+def _usage(prompt_len: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_len + completion_tokens}

@@ -1,0 +1,140 @@
+"""POST /v1/completions: prompt(s) -> engine -> text_completion JSON or SSE chunks.
+
+Owns: the prompt forms (a string, a list of token ids, a list of strings or of token-id lists,
+i.e. a batch), echo, the legacy logprobs shape (tokens / token_logprobs / top_logprobs /
+text_offset), and choice numbering for batches (prompt i, sample j -> index i * n + j).
+Must not: touch the engine other than through common.py.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, new_id,
+                                 sampling_params, sse, until_disconnect)
+from tidal.server.errors import APIError, from_exception
+from tidal.server.protocol import CompletionRequest
+
+
+async def _prompts(ctx: ServerContext, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif not prompt:
+        raise APIError("`prompt` is empty; give a string, a list of token ids, or a list of prompts",
+                       param="prompt")
+    elif isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    out = []
+    for p in items:
+        ids = await ctx.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError("a prompt is empty; give at least one token", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _logprobs(ctx: ServerContext, token_ids, logprobs, offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, lp in zip(token_ids, logprobs):
+        s = ctx.decode_token(tid)
+        tokens.append(s)
+        token_lps.append(max(lp[tid], -9999.0))
+        tops.append({ctx.decode_token(t): max(v, -9999.0) for t, v in lp.items()})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request):
+    model = ctx.check_model(req.model)
+    if req.suffix:
+        raise APIError("suffix is not supported; drop it", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError("best_of other than n is not supported; drop best_of", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise APIError("echo together with logprobs is not supported yet", param="echo")
+    prompts = await _prompts(ctx, req.prompt)
+    params = sampling_params(req, req.max_tokens, req.logprobs, req.n)
+    for ids in prompts:
+        check_fits(ctx, len(ids), params)
+    echo = [await ctx.run_in_tokenizer(ctx.tokenizer.decode, ids) for ids in prompts] if req.echo else None
+    rid = new_id("cmpl")
+    streams = await add_requests(ctx, rid, prompts, params, req.priority)
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
+    prompt_tokens = sum(len(p) for p in prompts)
+    if req.stream:
+        opts = req.stream_options
+        gen = _stream(ctx, streams, head, prompt_tokens, req.n, echo, bool(opts and opts.include_usage),
+                      bool(opts and opts.continuous_usage_stats))
+        return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
+    finals = await until_disconnect(raw, _collect(ctx, streams))
+    choices, completion_tokens = [], 0
+    for i, final in enumerate(finals):
+        for c in final.outputs:
+            completion_tokens += len(c.token_ids)
+            prefix = echo[i] if echo else ""
+            choices.append({"index": i * req.n + c.index, "text": prefix + c.text,
+                            "logprobs": _logprobs(ctx, c.token_ids, c.logprobs, 0) if c.logprobs is not None else None,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    return JSONResponse({**head, "choices": choices, "usage": usage})
+
+
+async def _collect(ctx, streams):
+    finals = [None] * len(streams)
+    async with aclosing(iterate(ctx, streams)) as outputs:
+        async for i, out in outputs:
+            finals[i] = out
+    return finals
+
+
+async def _stream(ctx, streams, head, prompt_tokens, n, echo, include_usage, continuous_usage):
+    sent = [[0] * n for _ in streams]        # tokens already sent, per prompt and sample
+    offsets = [[0] * n for _ in streams]     # text offset for logprobs
+    finished = [[False] * n for _ in streams]
+
+    def chunk(choices):
+        body = {**head, "choices": choices}
+        if include_usage or continuous_usage:
+            done = sum(map(sum, sent))
+            body["usage"] = ({"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                              "total_tokens": prompt_tokens + done} if continuous_usage else None)
+        return sse(body)
+
+    try:
+        if echo:
+            yield chunk([{"index": i * n + j, "text": echo[i], "logprobs": None, "finish_reason": None}
+                         for i in range(len(streams)) for j in range(n)])
+        async with aclosing(iterate(ctx, streams)) as outputs:
+            async for i, out in outputs:
+                choices = []
+                for c in out.outputs:
+                    j = c.index
+                    if finished[i][j]:
+                        continue
+                    new_ids = c.token_ids[sent[i][j]:]
+                    if not (c.delta_text or c.finish_reason or (c.logprobs is not None and new_ids)):
+                        continue
+                    lps = None
+                    if c.logprobs is not None:
+                        lps = _logprobs(ctx, new_ids, c.logprobs[sent[i][j]:], offsets[i][j])
+                        offsets[i][j] += sum(len(t) for t in lps["tokens"])
+                    sent[i][j] = len(c.token_ids)
+                    finished[i][j] = c.finish_reason is not None
+                    choices.append({"index": i * n + j, "text": c.delta_text, "logprobs": lps,
+                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                if choices:
+                    yield chunk(choices)
+        if include_usage:
+            done = sum(map(sum, sent))
+            yield sse({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                                                        "total_tokens": prompt_tokens + done}})
+    except Exception as e:   # after the 200 went out, an error can only be an event in the stream
+        yield sse(from_exception(e)[1])
+    yield sse("[DONE]")
