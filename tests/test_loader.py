@@ -99,7 +99,7 @@ def test_dequantize_each_type(qtype):
     values = np.random.default_rng(0).standard_normal((4, 256), dtype=np.float32)
     packed = gguf.quants.quantize(values, qt)
     ref = gguf.quants.dequantize(packed, qt)
-    raw = torch.from_numpy(packed.view(np.uint8).reshape(-1).copy())
+    raw = packed.view(np.uint8).reshape(-1)
     out = gguf_file.dequantize(raw, int(qt), [4, 256], torch.float32)
     assert out.shape == (4, 256) and torch.equal(out, torch.from_numpy(ref.astype(np.float32)))
 

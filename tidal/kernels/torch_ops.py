@@ -32,27 +32,72 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, head_dim] -> [T, heads, head_dim], causal over each sequence's cached context.
 
-    Each sequence is computed on its own, over exactly its own context: a request's result
-    never depends on what else is in the batch (batch invariance), and no padding is computed.
+    Decode rows (one new token) run together in one padded, masked batch: on CPU a per-sequence
+    loop costs more in dispatch than the math. Prefill rows run one sequence at a time over
+    exactly their own context.
     """
+    if meta.is_all_decode:
+        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale)
     out = torch.empty_like(q)
-    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    gqa = num_heads != num_kv_heads
-    start = 0
+    dec_rows = [i for i, n in enumerate(meta.query_lens_list) if n == 1]
+    starts = meta.query_start_loc.tolist() if q.device.type == "cpu" else _host_offsets(meta.query_lens_list)
+    if len(dec_rows) > 1:
+        idx = torch.tensor(dec_rows, device=q.device)
+        tok = torch.tensor([starts[i] for i in dec_rows], device=q.device)
+        lens = meta.seq_lens.index_select(0, idx)
+        out[tok] = decode_attention(q.index_select(0, tok), k_cache, v_cache, meta.block_tables.index_select(0, idx),
+                                    lens, max(meta.seq_lens_list[i] for i in dec_rows), scale)
+        dec_rows = set(dec_rows)
+    else:
+        dec_rows = set()
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
-        table = meta.block_tables[i]
-        k = gather_kv(k_cache, table, seq_len).to(q.dtype).transpose(0, 1)   # [kvh, S, d]
-        v = gather_kv(v_cache, table, seq_len).to(q.dtype).transpose(0, 1)
-        qi = q[start:start + q_len].transpose(0, 1)                            # [h, L, d]
-        if q_len == 1:
-            mask = None  # a single new token attends to the whole context
-        elif q_len == seq_len:
-            mask = None
-        else:  # chunked prefill on top of earlier context: query i sits at position seq_len - q_len + i
-            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos
-        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=(mask is None and q_len > 1),
-                                           scale=scale, enable_gqa=gqa)
-        out[start:start + q_len] = o.transpose(0, 1)
-        start += q_len
+        if i in dec_rows:
+            continue
+        start = starts[i]
+        out[start:start + q_len] = prefill_attention(q[start:start + q_len], k_cache, v_cache,
+                                                     meta.block_tables[i], seq_len, scale)
     return out
+
+
+def _host_offsets(query_lens: list[int]) -> list[int]:
+    offs = [0]
+    for n in query_lens:
+        offs.append(offs[-1] + n)
+    return offs
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_len: int, scale: float) -> torch.Tensor:
+    """One sequence's new tokens q [L, heads, d] attend causally to its first seq_len cached tokens."""
+    q_len, num_heads = q.shape[0], q.shape[1]
+    group = num_heads // k_cache.shape[2]
+    k = gather_kv(k_cache, block_table, seq_len).to(q.dtype).transpose(0, 1)   # [kvh, S, d]
+    v = gather_kv(v_cache, block_table, seq_len).to(q.dtype).transpose(0, 1)
+    if group > 1:  # explicit repeat: SDPA's enable_gqa path is far slower on CPU
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    qi = q.transpose(0, 1)                                                     # [h, L, d]
+    if q_len == seq_len or q_len == 1:
+        mask = None
+    else:  # a chunk on top of earlier context: query i sits at position seq_len - q_len + i
+        qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos
+    o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, is_causal=(mask is None and q_len > 1), scale=scale)
+    return o.transpose(0, 1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
+    """B sequences with one new token each: q [B, heads, d] -> [B, heads, d]. Keys past a sequence's
+    length are masked to -inf, so they add exact zeros to its softmax."""
+    b, num_heads, d = q.shape
+    nb, bs, kvh, _ = k_cache.shape
+    n_blocks = (max_seq_len + bs - 1) // bs
+    tables = block_tables[:, :n_blocks].reshape(-1)
+    k = k_cache.index_select(0, tables).view(b, n_blocks * bs, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
+    v = v_cache.index_select(0, tables).view(b, n_blocks * bs, kvh, d).transpose(1, 2)
+    qg = q.view(b, kvh, num_heads // kvh, d).to(k.dtype)                                 # [B, kvh, g, d]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale                       # [B, kvh, g, S]
+    pos = torch.arange(n_blocks * bs, device=q.device)
+    scores.masked_fill_((pos[None, :] >= seq_lens[:, None])[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(b, num_heads, d).to(q.dtype)

@@ -75,6 +75,11 @@ class ServerContext:
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
 
 
+def logprob_value(v: float) -> float:
+    """-inf (a token the sampler masked) and NaN are not JSON; OpenAI's floor is -9999."""
+    return v if v == v and v > -9999.0 else -9999.0
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -95,9 +100,15 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -
 
 
 def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams, num_prompts: int = 1) -> None:
-    """Reject n (times prompts) that could never be served at once by the whole KV cache."""
+    """Reject max_tokens past the context, and n samples that the whole KV cache could never hold."""
     if params.n > MAX_N:
         raise APIError(f"n must be at most {MAX_N}, got {params.n}", param="n")
+    limit = ctx.engine.max_model_len
+    if params.max_tokens is not None and prompt_len < limit < prompt_len + params.max_tokens:
+        # Like OpenAI and vLLM: an error, not a silent cut at the context (a too-long prompt is the
+        # engine's error, with param "prompt").
+        raise APIError(f"this model's context is {limit} tokens and the prompt has {prompt_len}, so max_tokens can be "
+                       f"at most {limit - prompt_len}; you asked for {params.max_tokens}", param="max_tokens")
     per_seq = min(prompt_len + (params.max_tokens or ctx.engine.max_model_len), ctx.engine.max_model_len)
     need = per_seq * params.n
     if params.n > 1 and need > ctx.engine.kv_capacity_tokens:
@@ -217,5 +228,5 @@ class SSEResponse(StreamingResponse):
                     pass
 
 
-__all__ = ["ServerContext", "TidalError", "sampling_params", "check_fits", "add_requests", "iterate",
+__all__ = ["ServerContext", "TidalError", "logprob_value", "sampling_params", "check_fits", "add_requests", "iterate",
            "until_disconnect", "sse", "SSEResponse", "new_id"]

@@ -8,6 +8,7 @@ Must not: decide what is an error (serving code and the engine do); it only form
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,27 +55,44 @@ def from_exception(exc: BaseException) -> tuple[int, dict]:
     return 500, error_body(f"internal server error ({type(exc).__name__}); see the server log", "internal_error")
 
 
+# A union member's tag in a validation error's loc (prompt.str, prompt.list[int], ...), as opposed
+# to a field name (snake_case) or a list index.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[A-Z]\w*|.*\[.*\])$")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "the request body is invalid", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
         return f"the request body is not valid JSON ({detail})", None
+    locs = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in errors]
+    loc, msg, used = locs[0], first.get("msg", "invalid value"), 1
     if first.get("type") == "missing" and not loc:
         return "the request needs a JSON body", None
+    # A value matching no member of a union gives one error per member; report the field once.
+    tag = next((i for i, part in enumerate(loc) if _UNION_TAG.match(part)), None)
+    if tag is not None:
+        group = [i for i, other in enumerate(locs) if other[:tag] == loc[:tag] and len(other) > tag
+                 and _UNION_TAG.match(other[tag])]
+        msgs = list(dict.fromkeys(errors[i].get("msg", "") for i in group))
+        loc, used = loc[:tag], len(group)
+        msg = msgs[0] if len(msgs) == 1 else "has the wrong type or value (" + "; or ".join(msgs[:3]) + ")"
     param = ".".join(loc) or None
     where = f"`{param}`: " if param else ""
-    extra = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{where}{first.get('msg', 'invalid value')}{extra}", param
+    extra = f" (and {len(errors) - used} more problem(s))" if len(errors) > used else ""
+    return f"{where}{msg}{extra}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
+        ctype = request.headers.get("content-type", "")
+        if param is None and "json" not in ctype and request.method == "POST":
+            message = f"send the body as JSON with `Content-Type: application/json` (got {ctype or 'none'!r})"
         return error_response(400, message, param=param)
 
     @app.exception_handler(HTTPException)

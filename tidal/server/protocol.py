@@ -8,12 +8,16 @@ Must not: build responses or talk to the engine (serving_*.py do).
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+
+# JSON Schema counts 3.0 as an integer, so an integral float is accepted as an int; a bool or a
+# string is not (strict mode).
+Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 
 
 class _Strict(BaseModel):
@@ -34,12 +38,12 @@ class ResponseFormat(_Strict):
 class _SamplingFields(_Strict):
     """Knobs shared by chat and completions."""
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = Field(None, ge=1)
+    n: Int = Field(1, ge=1, le=MAX_N)
+    max_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
@@ -47,13 +51,13 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM extras
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    priority: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int = Field(0, ge=0)
+    priority: Int = 0
+    stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -72,9 +76,9 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
@@ -82,11 +86,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)   # OpenAI's legacy default for completions
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt: Union[str, list[str], list[Int], list[list[Int]]]
+    max_tokens: Int | None = Field(16, ge=1)   # OpenAI's legacy default for completions
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    best_of: Int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
     response_format: ResponseFormat | None = None
 
@@ -101,4 +105,4 @@ class TokenizeRequest(_Strict):
 
 class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]

@@ -13,8 +13,8 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, new_id,
-                                 sampling_params, sse, until_disconnect)
+from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, logprob_value,
+                                 new_id, sampling_params, sse, until_disconnect)
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import ChatCompletionRequest
 
@@ -44,7 +44,7 @@ def _messages(req: ChatCompletionRequest) -> list[dict]:
 def _logprob_entry(ctx: ServerContext, token_id: int, lp: dict[int, float], top: int) -> dict:
     def item(tid: int, value: float) -> dict:
         s = ctx.decode_token(tid)
-        return {"token": s, "logprob": max(value, -9999.0), "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": logprob_value(value), "bytes": list(s.encode("utf-8"))}
     entry = item(token_id, lp[token_id])
     ranked = sorted(lp.items(), key=lambda kv: kv[1], reverse=True)[:top]
     entry["top_logprobs"] = [item(t, v) for t, v in ranked]

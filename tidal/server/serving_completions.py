@@ -13,8 +13,8 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, new_id,
-                                 sampling_params, sse, until_disconnect)
+from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, logprob_value,
+                                 new_id, sampling_params, sse, until_disconnect)
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import CompletionRequest
 
@@ -43,8 +43,8 @@ def _logprobs(ctx: ServerContext, token_ids, logprobs, offset: int) -> dict:
     for tid, lp in zip(token_ids, logprobs):
         s = ctx.decode_token(tid)
         tokens.append(s)
-        token_lps.append(max(lp[tid], -9999.0))
-        tops.append({ctx.decode_token(t): max(v, -9999.0) for t, v in lp.items()})
+        token_lps.append(logprob_value(lp[tid]))
+        tops.append({ctx.decode_token(t): logprob_value(v) for t, v in lp.items()})
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

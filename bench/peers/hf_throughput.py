@@ -1,0 +1,102 @@
+"""Peer runner: Hugging Face transformers batched `generate` on tidal's throughput workload.
+
+Owns: loading the same checkpoint (GGUF or HF directory) into transformers, replaying the
+workload from `tidal.bench.make_workload` in static batches, and writing the same JSON record
+as `tidal bench throughput`.
+Must not: import tidal's engine (only tidal.bench and the model-path resolver).
+
+Counting (see README.md): requests are sorted by (output length, input length) and cut into
+batches of --batch-size; each batch is left-padded and generates max(out_len) tokens with
+min_new_tokens = max_new_tokens (EOS never stops it). Only each request's own out_len tokens
+count as output; the extra tokens a shorter request generates to keep its batch going, and
+the padding, count as waste (reported as generated_tokens_incl_waste).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from tidal.bench import add_workload_args, format_table, make_record, make_results, workload_from_args, write_record
+from tidal.weights.loader import open_checkpoint, resolve_model_path
+
+
+def load_model(model: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    path = resolve_model_path(model)
+    if os.path.isdir(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), path
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=dtype).eval(), path
+
+
+@torch.inference_mode()
+def run_batches(model, prompts: list[list[int]], out_lens: list[int], batch_size: int, pad_id: int,
+                progress: bool = True) -> tuple[float, int]:
+    """Time the whole workload at one batch size; returns (elapsed s, tokens generated incl. waste)."""
+    order = sorted(range(len(prompts)), key=lambda i: (out_lens[i], len(prompts[i])))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    generated = 0
+    bar = tqdm(total=len(prompts), desc=f"hf bs={batch_size}", unit=" req", disable=not progress)
+    t0 = time.perf_counter()
+    for idx in batches:
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every row's last prompt token sits in the last column
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        n = max(out_lens[i] for i in idx)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=pad_id)
+        assert out.shape[1] - width == n, f"generate stopped after {out.shape[1] - width} of {n} tokens"
+        generated += len(idx) * n
+        bar.update(len(idx))
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    return elapsed, generated
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_args(p)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", default="8,16,32,64", help="comma list; every size runs, the best is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model, path = load_model(args.model, dtype)
+    load_s = time.perf_counter() - t0
+    tokenizer = open_checkpoint(args.model).load_tokenizer() if args.dataset else None
+    wl = workload_from_args(args, model.config.vocab_size, tokenizer)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    run_batches(model, [list(range(100, 116))], [4], 1, pad_id, progress=False)  # warmup
+    sweep = []
+    for bs in [int(b) for b in args.batch_size.split(",")]:
+        elapsed, generated = run_batches(model, wl.prompts, wl.output_lens, bs, pad_id, not args.no_tqdm)
+        sweep.append({"batch_size": bs, **make_results(wl, elapsed, load_s, generated_tokens_incl_waste=generated)})
+        print(f"batch {bs}: {sweep[-1]['output_tokens_per_s']} output tok/s", file=sys.stderr)
+    best = max(sweep, key=lambda r: r["output_tokens_per_s"])
+    results = {k: v for k, v in best.items() if k != "batch_size"}
+    results["sweep"] = [{k: r[k] for k in ("batch_size", "elapsed_s", "output_tokens_per_s", "total_tokens_per_s")}
+                        for r in sweep]
+    engine = {"name": "hf-transformers", "model": args.model, "model_path": path, "dtype": args.dtype,
+              "device": "cpu", "batch_size": best["batch_size"],
+              "args": {"batching": "static, sorted by output length, left padding", "min_new_tokens": "= max_new_tokens",
+                       "do_sample": False, "batch_sizes_tried": [r["batch_size"] for r in sweep]}}
+    record = make_record(wl, engine, results)
+    print(format_table([record]))
+    write_record(record, args.json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
