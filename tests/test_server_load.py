@@ -110,13 +110,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_inflight_stream():
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"   # a zombie has exited
+    except OSError:
+        return True
+
+
+def test_sigterm_drains_inflight_stream_engine_process():
+    """`tidal serve --engine-process`: the engine in a child process over ZeroMQ. A stream cut by
+    its client is aborted there; SIGTERM lets an in-flight stream finish; both processes exit."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "tidal.server.cli", "--model", MODEL, "--dtype", "float32",
                              "--max-model-len", "128", "--num-kv-blocks", "32", "--port", str(port),
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                             "--log-level", "warning", "--engine-process"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
         def up():
             try:
@@ -125,8 +148,17 @@ def test_sigterm_drains_inflight_stream():
                 return False
         assert wait_until(lambda: up() or proc.poll() is not None, timeout=120, interval=0.2)
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        body = {"model": MODEL, "prompt": "Count with me: one, two,", "max_tokens": 40, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+        engine_pids = _children(proc.pid)
+        assert engine_pids, "the engine process is missing"
+        body = {"model": MODEL, "prompt": "Count with me: one, two,", "max_tokens": 100, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 4:
+                    break   # cut the stream: the engine process must abort it
+        assert wait_until(lambda: metric(url, "tidal:engine_requests_aborted_total") == 1, timeout=20)
+        assert wait_until(lambda: metric(url, "tidal:kv_cache_used_blocks") == 0, timeout=10)
+        body.update(max_tokens=40, stream_options={"include_usage": True})
         text_chunks, usage, done = 0, None, False
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -141,6 +173,7 @@ def test_sigterm_drains_inflight_stream():
         assert done and usage["completion_tokens"] == 40
         proc.wait(timeout=60)
         assert proc.returncode in (0, -signal.SIGTERM), proc.returncode   # uvicorn re-raises the signal
+        assert wait_until(lambda: all(_gone(p) for p in engine_pids), timeout=15), "the engine process outlived the server"
         try:
             httpx.get(url + "/health", timeout=1)
             raise AssertionError("the server still answers after SIGTERM")

@@ -64,34 +64,23 @@ class RequestStream:
             self._engine._submit(("abort", self.request_id))
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, start: bool = True):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        bm = engine.block_manager
-        self.kv_capacity_tokens = bm.num_blocks * bm.block_size
-        self._cond = threading.Condition()
-        self._inbox: list[tuple] = []
-        self._streams: dict[str, RequestStream] = {}   # engine thread only
-        self._accepting = True
-        self._stop = False
-        self._drain = True
-        self._closed = False   # set by the engine thread as it exits; later commands are rejected
-        self._error: BaseException | None = None
-        self._stats = self._snapshot(0.0)
-        self._thread = threading.Thread(target=self._run, name="tidal-engine", daemon=True)
-        if start:
-            self._thread.start()
+class EngineFrontend:
+    """What the server calls: add_request / generate / abort / stats. Subclasses carry commands to
+    the engine (`_submit`) and say whether it runs (`is_running`): a thread here, a process in
+    engine_proc.py."""
 
-    @classmethod
-    def from_config(cls, config: EngineConfig, verbose: bool = False) -> "AsyncEngine":
-        return cls(LLMEngine(config, verbose=verbose))
+    tokenizer = None
+    max_model_len: int
+    kv_capacity_tokens: int
+    _accepting = True
+    _stats: dict
 
-    # ---- asyncio side -----------------------------------------------------------------------
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        raise NotImplementedError
+
+    def _submit(self, command: tuple) -> None:
+        raise NotImplementedError
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           priority: int = 0) -> RequestStream:
@@ -124,8 +113,42 @@ class AsyncEngine:
         self._submit(("abort", request_id))
 
     def stats(self) -> dict:
-        """Latest snapshot from the engine thread: running/waiting counts, KV usage, counters."""
+        """Latest snapshot from the engine: num_running, num_waiting, kv (used, total, usage,
+        prefix_queries, prefix_hits, hit_rate), counters (the engine's stats dict)."""
         return dict(self._stats)
+
+
+class AsyncEngine(EngineFrontend):
+    def __init__(self, engine: LLMEngine, start: bool = True):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        bm = engine.block_manager
+        self.kv_capacity_tokens = bm.num_blocks * bm.block_size
+        self._cond = threading.Condition()
+        self._inbox: list[tuple] = []
+        self._streams: dict[str, RequestStream] = {}   # engine thread only
+        self._accepting = True
+        self._stop = False
+        self._drain = True
+        self._closed = False   # set by the engine thread as it exits; later commands are rejected
+        self._error: BaseException | None = None
+        self._stats = self._snapshot(0.0)
+        self._thread = threading.Thread(target=self._run, name="tidal-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, verbose: bool = False, process: bool = False) -> "EngineFrontend":
+        """The engine in a thread of this process, or with process=True in its own process."""
+        if process:
+            from tidal.engine.engine_proc import ProcessAsyncEngine
+            return ProcessAsyncEngine(config, verbose=verbose)
+        return cls(LLMEngine(config, verbose=verbose))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting requests; with drain, let in-flight ones finish, else abort them. Then stop
@@ -255,4 +278,4 @@ def _deliver(items: list) -> None:
         stream._put(item)
 
 
-__all__ = ["AsyncEngine", "RequestStream", "EngineUnavailable", "TidalError"]
+__all__ = ["AsyncEngine", "EngineFrontend", "RequestStream", "EngineUnavailable", "TidalError"]

@@ -56,6 +56,7 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._requests: dict[str, Request] = {}
         self._counter = 0
+        self.last_batch = None   # the most recent step's schedule, for stats and tests
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0}
 
     # ---- requests ----------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         touched: set[str] = {r.parent_id for r in batch.preempted}
         if batch.requests:
             tables = [self.block_manager.get_block_table(r.request_id) for r in batch.requests]

@@ -25,6 +25,8 @@ def add_serve_parser(subparsers, add_engine_flags) -> argparse.ArgumentParser:
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (bigger: 413)")
     g.add_argument("--shutdown-timeout", type=float, default=None,
                    help="on SIGTERM, seconds to wait for in-flight requests (default: until they finish)")
+    g.add_argument("--engine-process", action="store_true",
+                   help="run the engine in its own process (ZeroMQ), so HTTP work never competes with it for the GIL")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_flags(p, skip=())   # the server has no per-command sampling seed, so --seed is the engine's
     return p
@@ -42,7 +44,7 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
         kwargs.setdefault("seed", args.seed)
     config = EngineConfig.from_kwargs(**kwargs)
     t0 = time.perf_counter()
-    engine = AsyncEngine.from_config(config, verbose=True)
+    engine = AsyncEngine.from_config(config, verbose=True, process=args.engine_process)
     name = args.served_model_name or config.model
     app = build_app(engine, name, args.api_key, model_aliases=(config.model,),
                     max_body_bytes=int(args.max_body_mb * 2**20), drain_timeout=args.shutdown_timeout)

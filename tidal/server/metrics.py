@@ -35,8 +35,11 @@ class _EngineCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+        counters = s.get("counters", {})
         for name, doc, value in (("tidal:prefix_cache_queries", "prefix-cache lookups (tokens)", kv["prefix_queries"]),
-                                 ("tidal:prefix_cache_hits", "prefix-cache hits (tokens)", kv["prefix_hits"])):
+                                 ("tidal:prefix_cache_hits", "prefix-cache hits (tokens)", kv["prefix_hits"]),
+                                 ("tidal:engine_requests_aborted", "requests the engine aborted (client gone, ...)",
+                                  counters.get("aborted", 0))):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], value)
             yield c
