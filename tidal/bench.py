@@ -109,13 +109,13 @@ def workload_from_args(args, vocab_size: int, tokenizer=None) -> Workload:
 # ---- the record ------------------------------------------------------------------------------
 def versions(**extra) -> dict:
     import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for key, dist in (("torch", "torch"), ("transformers", "transformers"), ("tidal", "tidal")):
+
+    def version(dist):
         try:
-            out[key] = md.version(dist)
+            return md.version(dist)
         except md.PackageNotFoundError:
-            out[key] = None
-    return {**out, **extra}
+            return None
+    return {"python": platform.python_version(), **{d: version(d) for d in ("torch", "transformers", "tidal")}, **extra}
 
 
 def machine() -> dict:
@@ -250,15 +250,16 @@ def _compare_args(p, add_engine_flags) -> None:
     p.add_argument("records", nargs="+", help="JSON records written by --json")
 
 
+def read_record(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise TidalError(f"cannot read benchmark record '{path}' ({e})")
+
+
 def run_compare(args, engine_kwargs: dict) -> int:
-    records = []
-    for path in args.records:
-        try:
-            with open(path) as f:
-                records.append(json.load(f))
-        except (OSError, ValueError) as e:
-            raise TidalError(f"cannot read benchmark record '{path}' ({e})")
-    print(format_table(records))
+    print(format_table([read_record(p) for p in args.records]))
     return 0
 
 

@@ -67,10 +67,14 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
-def unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo convert_hf_to_gguf's `permute`: rows (head, half, i) were written as (head, i, half)."""
-    head_rows = weight.shape[0] // n_head
-    return weight.reshape(n_head, head_rows // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def unpermute_rows(rows, n_head: int):
+    """Undo convert_hf_to_gguf's `permute`: rows (head, half, i) were written as (head, i, half).
+
+    Works on a numpy array or a torch tensor of rows. Quantization blocks never cross a row, so
+    this may run on the raw block bytes (rows x bytes per row) before dequantizing.
+    """
+    head_rows = rows.shape[0] // n_head
+    return rows.reshape(n_head, head_rows // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def cache_dir_for(path: str) -> str:
@@ -204,28 +208,29 @@ def iter_gguf_tensors(path: str, index: dict, config, dtype: torch.dtype):
     permute = ARCHITECTURES[index["architecture"]].permute_qk
     n_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for t in index["tensors"]:
-        weight = dequantize(data[t["offset"] : t["offset"] + t["nbytes"]], t["type"], t["shape"], dtype)
+        raw = data[t["offset"] : t["offset"] + t["nbytes"]]
         proj = t["name"].split(".")[-2]
         if permute and proj in n_heads:
-            weight = unpermute_rows(weight, n_heads[proj])
-        yield t["name"], weight
+            raw = unpermute_rows(raw.reshape(t["shape"][0], -1), n_heads[proj]).reshape(-1)
+        yield t["name"], dequantize(raw, t["type"], t["shape"], dtype)
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     """uint8 bytes of one tensor -> a fresh tensor of `shape` in `dtype` (never a view of the file).
 
-    numpy, not torch, does the arithmetic: it is single-threaded, and torch's OpenMP pool stalls
-    10-50x on a machine whose cores are busy (measured: 0.5 s vs 17-27 s for SmolLM2 on 2 busy
-    cores). The operations are gguf.quants' own (d * q + m in float32), so results match it bit for bit.
+    numpy, not torch, does the arithmetic: it is single-threaded, and each of torch's OpenMP
+    parallel regions stalls for milliseconds when the cores are busy (measured on 2 busy cores:
+    SmolLM2 0.5 s this way vs 17-27 s with torch ops). The operations are gguf.quants' own
+    (d * q + m in float32), so results match it bit for bit.
     """
     if ggml_type in _FLOAT_TYPES:
         values = torch.from_numpy(raw.view(np.uint16 if ggml_type != F32 else np.float32).copy())
-        values = values.view(_FLOAT_TYPES[ggml_type])
-    elif ggml_type in (Q4_0, Q4_1, Q8_0):
-        values = torch.from_numpy(_dequantize_blocks(raw, ggml_type))
+        return values.view(_FLOAT_TYPES[ggml_type]).reshape(shape).to(dtype)
+    if ggml_type in (Q4_0, Q4_1, Q8_0):
+        values = _dequantize_blocks(raw, ggml_type)
     else:
-        values = torch.from_numpy(_dequantize_fallback(raw, ggml_type))
-    return values.reshape(shape).to(dtype)
+        values = _dequantize_fallback(raw, ggml_type)
+    return torch.from_numpy(values.reshape(shape)).to(dtype)
 
 
 def _dequantize_blocks(raw: np.ndarray, ggml_type: int) -> np.ndarray:
