@@ -158,7 +158,7 @@ def test_sigterm_drains_inflight_stream_engine_process():
                     break   # cut the stream: the engine process must abort it
         assert wait_until(lambda: metric(url, "tidal:engine_requests_aborted_total") == 1, timeout=20)
         assert wait_until(lambda: metric(url, "tidal:kv_cache_used_blocks") == 0, timeout=10)
-        body.update(max_tokens=40, stream_options={"include_usage": True})
+        body.update(max_tokens=12, stream_options={"include_usage": True})
         text_chunks, usage, done = 0, None, False
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -170,7 +170,7 @@ def test_sigterm_drains_inflight_stream_engine_process():
                     text_chunks += len(event["choices"])
                     if text_chunks == 1:
                         proc.send_signal(signal.SIGTERM)   # mid-stream: the stream must still complete
-        assert done and usage["completion_tokens"] == 40
+        assert done and usage["completion_tokens"] == 12
         proc.wait(timeout=60)
         assert proc.returncode in (0, -signal.SIGTERM), proc.returncode   # uvicorn re-raises the signal
         assert wait_until(lambda: all(_gone(p) for p in engine_pids), timeout=15), "the engine process outlived the server"

@@ -56,6 +56,11 @@ class LLM:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
+    def stats(self) -> dict:
+        """Engine counters plus KV cache usage and prefix-cache hit rate."""
+        return {**self.engine.stats, "kv": self.engine.kv_stats(),
+                "preemptions": self.engine.scheduler.num_preemptions}
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)

@@ -67,7 +67,9 @@ class ModelRunner:
             return
         tensors = self.checkpoint.iter_tensors(self.dtype)
         if verbose:
-            tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
+            total = getattr(self.checkpoint, "num_tensors", None)
+            tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False,
+                           total=total() if callable(total) else total)
         try:
             self.model.load_weights((name, t.to(self.device, non_blocking=True)) for name, t in tensors)
         except ValueError as e:
@@ -81,6 +83,13 @@ class ModelRunner:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
         budget = self.config.kv_mem_bytes
+        if budget is None and self.config.device_mem_bytes:
+            # everything resident: the KV pool gets what the weights leave, less a tenth for activations
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            budget = int(self.config.device_mem_bytes * 0.9) - weights
+            if budget <= 0:
+                raise TidalError(f"--device-mem {self.config.device_mem} does not even hold the weights "
+                                 f"({weights / 2**30:.2f} GiB); give more", param="device_mem")
         if budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
