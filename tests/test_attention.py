@@ -22,9 +22,19 @@ def dense_reference(q, k, v, scale):
     return torch.einsum("hls,shd->lhd", scores.softmax(-1), v.double()).to(q.dtype)
 
 
+def _ops(name):
+    if name == "torch":
+        return paged_attention
+    from tidal.kernels import cpu, get_backend
+    assert cpu.load() is not None, "the CPU kernel failed to build (see stderr)"
+    return get_backend("cpu").paged_attention
+
+
+@pytest.mark.parametrize("ops", ["torch", "cpu-kernel"])
 @pytest.mark.parametrize("case", ["mixed", "all_decode", "chunked"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_paged_equals_dense(case, block_size):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_equals_dense(ops, case, block_size, dtype):
     rng = random.Random(block_size)
     torch.manual_seed(block_size)
     h, kvh, d, num_blocks = 6, 2, 16, 500
@@ -38,7 +48,7 @@ def test_paged_equals_dense(case, block_size):
             seqs.append((total - new, new))
         else:
             seqs.append((0, total))
-    k_cache = torch.zeros(num_blocks, block_size, kvh, d)
+    k_cache = torch.zeros(num_blocks, block_size, kvh, d, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     free = list(range(num_blocks))
     rng.shuffle(free)  # scattered blocks, as after a while of serving
@@ -67,7 +77,9 @@ def test_paged_equals_dense(case, block_size):
         slot_mapping=torch.tensor(slots), block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables]),
         seq_lens=torch.tensor(slens), query_start_loc=torch.tensor(qsl), query_lens_list=qlens, seq_lens_list=slens,
         max_query_len=max(qlens), max_seq_len=max(slens), block_size=block_size)
-    out = paged_attention(q, k_cache, v_cache, meta, scale=d ** -0.5)
+    out = _ops(ops)(q.to(dtype), k_cache, v_cache, meta, d ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
     for i in range(len(seqs)):
-        ref = dense_reference(qs[i], full_k[i], full_v[i], d ** -0.5)
-        assert torch.allclose(out[qsl[i]:qsl[i + 1]], ref, atol=1e-5), (case, i)
+        ref = dense_reference(qs[i].to(dtype).float(), full_k[i].to(dtype).float(), full_v[i].to(dtype).float(),
+                              d ** -0.5)
+        assert torch.allclose(out[qsl[i]:qsl[i + 1]].float(), ref, atol=tol), (case, i)

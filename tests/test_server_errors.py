@@ -156,7 +156,7 @@ def test_schemathesis_finds_no_server_errors(server):  # noqa: F811
         modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if op.method.upper() == "POST" else \
             (GenerationMode.POSITIVE,)
         for mode in modes:
-            @settings(max_examples=25 if heavy else 10, deadline=None, database=None, derandomize=True,
+            @settings(max_examples=15 if heavy else 8, deadline=None, database=None, derandomize=True,
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case):

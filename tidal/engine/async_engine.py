@@ -1,8 +1,10 @@
 """The engine behind the server: `LLMEngine.step()` in a background thread, driven from asyncio.
 
-Owns: `AsyncEngine` (add_request / generate / abort / stats / shutdown), the engine thread, the
-command queue that carries adds and aborts into that thread, and `RequestStream`, one request's
-outputs handed back to the asyncio loop that asked for them.
+Owns: `EngineFrontend` (the interface the server uses: add_request / generate / abort / stats /
+shutdown / is_running), `AsyncEngine` (that interface over an engine thread in this process; its
+`from_config(..., process=True)` gives engine_proc's process-backed one instead), the command
+queue that carries adds and aborts into the thread, and `RequestStream`, one request's outputs
+handed back to the asyncio loop that asked for them.
 Only the engine thread touches the `LLMEngine` (it is not thread-safe); other threads talk to it
 through the command queue and read a stats snapshot the thread publishes after every step, so a
 busy engine never blocks the event loop, /health or new connections.
@@ -72,6 +74,7 @@ class EngineFrontend:
     tokenizer = None
     max_model_len: int
     kv_capacity_tokens: int
+    vocab_size: int | None = None
     _accepting = True
     _stats: dict
 
@@ -125,6 +128,7 @@ class AsyncEngine(EngineFrontend):
         self.max_model_len = engine.max_model_len
         bm = engine.block_manager
         self.kv_capacity_tokens = bm.num_blocks * bm.block_size
+        self.vocab_size = getattr(getattr(engine, "runner", None), "vocab_size", None)
         self._cond = threading.Condition()
         self._inbox: list[tuple] = []
         self._streams: dict[str, RequestStream] = {}   # engine thread only

@@ -57,7 +57,8 @@ def run_engine_core(config_kwargs: dict, cmd_addr: str, out_addr: str, verbose: 
                               isinstance(e, TidalError)]))
         return
     bm = engine.block_manager
-    out.send(_enc.encode(["ready", engine.max_model_len, bm.num_blocks * bm.block_size, _snapshot(engine)]))
+    out.send(_enc.encode(["ready", engine.max_model_len, bm.num_blocks * bm.block_size, engine.runner.vocab_size,
+                          _snapshot(engine)]))
     stop = drain = False
     live: set[str] = set()   # requests added and not yet finished
     while True:
@@ -150,7 +151,7 @@ class ProcessAsyncEngine(EngineFrontend):
         m = _dec.decode(self._out.recv())
         if m[0] == "fatal":
             raise TidalError(m[1], param=m[2]) if m[3] else RuntimeError(m[1])
-        _, self.max_model_len, self.kv_capacity_tokens, self._stats = m
+        _, self.max_model_len, self.kv_capacity_tokens, self.vocab_size, self._stats = m
 
     @property
     def is_running(self) -> bool:

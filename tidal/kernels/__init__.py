@@ -8,6 +8,8 @@ Must not: import model, engine or server code.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tidal.kernels import torch_ops
@@ -16,7 +18,31 @@ from tidal.kernels import torch_ops
 class TorchBackend:
     name = "torch"
     write_kv = staticmethod(torch_ops.write_kv)
-    paged_attention = staticmethod(torch_ops.paged_attention)
+
+    def paged_attention(self, q, k_cache, v_cache, meta, scale):
+        return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+class CpuBackend(TorchBackend):
+    """Torch ops, with decode attention from the compiled CPU kernel once it is built
+    (it reads K/V straight from the paged cache instead of gathering a padded copy)."""
+    name = "cpu"
+
+    def __init__(self):
+        from tidal.kernels import cpu
+        self._cpu = cpu
+        if os.environ.get("TIDAL_CPU_KERNELS", "1") == "sync":
+            cpu.load()
+        else:
+            cpu.load_in_background()
+
+    def paged_attention(self, q, k_cache, v_cache, meta, scale):
+        ext = self._cpu.ready()
+        decode = None
+        if ext is not None:
+            def decode(q_dec, block_tables, seq_lens, max_seq_len):
+                return ext.paged_decode_attention(q_dec, k_cache, v_cache, block_tables, seq_lens, scale)
+        return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale, decode=decode)
 
 
 _BACKENDS: dict[str, object] = {}
@@ -25,5 +51,5 @@ _BACKENDS: dict[str, object] = {}
 def get_backend(device: torch.device | str):
     kind = torch.device(device).type
     if kind not in _BACKENDS:
-        _BACKENDS[kind] = TorchBackend()
+        _BACKENDS[kind] = CpuBackend() if kind == "cpu" else TorchBackend()
     return _BACKENDS[kind]

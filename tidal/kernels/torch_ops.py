@@ -29,15 +29,19 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, decode=None) -> torch.Tensor:
     """q: [T, heads, head_dim] -> [T, heads, head_dim], causal over each sequence's cached context.
 
-    Decode rows (one new token) run together in one padded, masked batch: on CPU a per-sequence
-    loop costs more in dispatch than the math. Prefill rows run one sequence at a time over
-    exactly their own context.
+    Decode rows (one new token) run together in one batch: `decode(q, block_tables, seq_lens,
+    max_seq_len)` when a backend has a kernel for it, else one padded, masked torch batch (on CPU a
+    per-sequence loop costs more in dispatch than the math). Prefill rows run one sequence at a
+    time over exactly their own context.
     """
+    if decode is None:
+        def decode(q_dec, block_tables, seq_lens, max_seq_len):
+            return decode_attention(q_dec, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale)
     if meta.is_all_decode:
-        return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.max_seq_len, scale)
+        return decode(q, meta.block_tables, meta.seq_lens, meta.max_seq_len)
     out = torch.empty_like(q)
     dec_rows = [i for i, n in enumerate(meta.query_lens_list) if n == 1]
     starts = meta.query_start_loc.tolist() if q.device.type == "cpu" else _host_offsets(meta.query_lens_list)
@@ -45,8 +49,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         idx = torch.tensor(dec_rows, device=q.device)
         tok = torch.tensor([starts[i] for i in dec_rows], device=q.device)
         lens = meta.seq_lens.index_select(0, idx)
-        out[tok] = decode_attention(q.index_select(0, tok), k_cache, v_cache, meta.block_tables.index_select(0, idx),
-                                    lens, max(meta.seq_lens_list[i] for i in dec_rows), scale)
+        out[tok] = decode(q.index_select(0, tok), meta.block_tables.index_select(0, idx), lens,
+                          max(meta.seq_lens_list[i] for i in dec_rows))
         dec_rows = set(dec_rows)
     else:
         dec_rows = set()

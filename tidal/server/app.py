@@ -53,7 +53,8 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     @app.get("/v1/models")
     async def models():
         cards = [{"id": name, "object": "model", "created": ctx.created, "owned_by": "tidal", "root": name,
-                  "parent": None, "max_model_len": engine.max_model_len} for name in [served_model_name]]
+                  "parent": None, "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size}
+                 for name in [served_model_name]]
         return {"object": "list", "data": cards}
 
     @app.get("/health")

@@ -19,10 +19,9 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from tidal.engine.async_engine import AsyncEngine, RequestStream
-from tidal.errors import TidalError
 from tidal.sampling import SamplingParams
 from tidal.server.errors import APIError
-from tidal.server.metrics import RequestTracker, ServerMetrics
+from tidal.server.metrics import ServerMetrics
 from tidal.server.protocol import MAX_N
 
 
@@ -99,7 +98,7 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -
     return SamplingParams(**kw)
 
 
-def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams, num_prompts: int = 1) -> None:
+def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams) -> None:
     """Reject max_tokens past the context, and n samples that the whole KV cache could never hold."""
     if params.n > MAX_N:
         raise APIError(f"n must be at most {MAX_N}, got {params.n}", param="n")
@@ -131,10 +130,12 @@ async def add_requests(ctx: ServerContext, base_id: str, prompts: list[list[int]
     return streams
 
 
-async def iterate(ctx: ServerContext, streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
-    """(prompt index, RequestOutput) as outputs arrive, over all streams; records metrics; aborts
-    every unfinished stream when the consumer stops early (disconnect, cancellation, error)."""
-    trackers = [ctx.metrics.tracker() for _ in streams]
+async def iterate(ctx: ServerContext, streams: list[RequestStream],
+                  arrival: float | None = None) -> AsyncIterator[tuple[int, object]]:
+    """(prompt index, RequestOutput) as outputs arrive, over all streams; records metrics (latencies
+    from `arrival`, the handler's start); aborts every unfinished stream when the consumer stops
+    early (disconnect, cancellation, error)."""
+    trackers = [ctx.metrics.tracker(arrival) for _ in streams]
     try:
         if len(streams) == 1:
             async for out in streams[0]:
@@ -170,7 +171,7 @@ async def iterate(ctx: ServerContext, streams: list[RequestStream]) -> AsyncIter
         for s, t in zip(streams, trackers):
             if not s.finished:
                 s.abort()
-                t.finish(aborted=True)
+            t.finish(aborted=True)   # a no-op for requests whose final output was seen
 
 
 async def until_disconnect(request: Request, coro):
@@ -228,5 +229,5 @@ class SSEResponse(StreamingResponse):
                     pass
 
 
-__all__ = ["ServerContext", "TidalError", "logprob_value", "sampling_params", "check_fits", "add_requests", "iterate",
+__all__ = ["ServerContext", "logprob_value", "sampling_params", "check_fits", "add_requests", "iterate",
            "until_disconnect", "sse", "SSEResponse", "new_id"]

@@ -65,17 +65,17 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def tracker(self) -> "RequestTracker":
-        return RequestTracker(self)
+    def tracker(self, arrival: float | None = None) -> "RequestTracker":
+        return RequestTracker(self, arrival)
 
 
 class RequestTracker:
     """Timings of one engine request (one prompt, all n choices), seen from the server's loop, so
     the latencies are what a client gets, queueing included."""
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: ServerMetrics, arrival: float | None = None):
         self.m = metrics
-        self.arrival = time.monotonic()
+        self.arrival = time.monotonic() if arrival is None else arrival
         self.last_token_time: float | None = None
         self.last_output = None
         self.done = False

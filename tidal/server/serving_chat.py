@@ -58,6 +58,7 @@ def _logprobs(ctx, token_ids, logprobs, top) -> dict | None:
 
 
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request):
+    arrival = time.monotonic()
     model = ctx.check_model(req.model)
     messages = _messages(req)
     if req.tools:
@@ -76,10 +77,10 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     head = {"id": rid, "created": int(time.time()), "model": model}
     if req.stream:
         opts = req.stream_options
-        gen = _stream(ctx, streams, head, len(prompt_ids), req.n, top,
+        gen = _stream(ctx, streams, arrival, head, len(prompt_ids), req.n, top,
                       bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
         return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
-    final = await until_disconnect(raw, _last(ctx, streams))
+    final = await until_disconnect(raw, _last(ctx, streams, arrival))
     choices, completion_tokens = [], 0
     for c in final.outputs:
         completion_tokens += len(c.token_ids)
@@ -91,15 +92,15 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
 
 
-async def _last(ctx, streams):
+async def _last(ctx, streams, arrival):
     final = None
-    async with aclosing(iterate(ctx, streams)) as outputs:
+    async with aclosing(iterate(ctx, streams, arrival)) as outputs:
         async for _, out in outputs:
             final = out
     return final
 
 
-async def _stream(ctx, streams, head, prompt_len, n, top, include_usage, continuous_usage):
+async def _stream(ctx, streams, arrival, head, prompt_len, n, top, include_usage, continuous_usage):
     head = {**head, "object": "chat.completion.chunk"}
     sent_tokens, finished = [0] * n, [False] * n
 
@@ -112,7 +113,7 @@ async def _stream(ctx, streams, head, prompt_len, n, top, include_usage, continu
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
-        async with aclosing(iterate(ctx, streams)) as outputs:
+        async with aclosing(iterate(ctx, streams, arrival)) as outputs:
             async for _, out in outputs:
                 choices = []
                 for c in out.outputs:

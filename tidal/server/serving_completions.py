@@ -51,6 +51,7 @@ def _logprobs(ctx: ServerContext, token_ids, logprobs, offset: int) -> dict:
 
 
 async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request):
+    arrival = time.monotonic()
     model = ctx.check_model(req.model)
     if req.suffix:
         raise APIError("suffix is not supported; drop it", param="suffix")
@@ -69,10 +70,10 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
         opts = req.stream_options
-        gen = _stream(ctx, streams, head, prompt_tokens, req.n, echo, bool(opts and opts.include_usage),
+        gen = _stream(ctx, streams, arrival, head, prompt_tokens, req.n, echo, bool(opts and opts.include_usage),
                       bool(opts and opts.continuous_usage_stats))
         return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
-    finals = await until_disconnect(raw, _collect(ctx, streams))
+    finals = await until_disconnect(raw, _collect(ctx, streams, arrival))
     choices, completion_tokens = [], 0
     for i, final in enumerate(finals):
         for c in final.outputs:
@@ -86,15 +87,15 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     return JSONResponse({**head, "choices": choices, "usage": usage})
 
 
-async def _collect(ctx, streams):
+async def _collect(ctx, streams, arrival):
     finals = [None] * len(streams)
-    async with aclosing(iterate(ctx, streams)) as outputs:
+    async with aclosing(iterate(ctx, streams, arrival)) as outputs:
         async for i, out in outputs:
             finals[i] = out
     return finals
 
 
-async def _stream(ctx, streams, head, prompt_tokens, n, echo, include_usage, continuous_usage):
+async def _stream(ctx, streams, arrival, head, prompt_tokens, n, echo, include_usage, continuous_usage):
     sent = [[0] * n for _ in streams]        # tokens already sent, per prompt and sample
     offsets = [[0] * n for _ in streams]     # text offset for logprobs
     finished = [[False] * n for _ in streams]
@@ -111,7 +112,7 @@ async def _stream(ctx, streams, head, prompt_tokens, n, echo, include_usage, con
         if echo:
             yield chunk([{"index": i * n + j, "text": echo[i], "logprobs": None, "finish_reason": None}
                          for i in range(len(streams)) for j in range(n)])
-        async with aclosing(iterate(ctx, streams)) as outputs:
+        async with aclosing(iterate(ctx, streams, arrival)) as outputs:
             async for i, out in outputs:
                 choices = []
                 for c in out.outputs:
