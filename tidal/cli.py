@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("bench", help="benchmarks: throughput (offline engine)")
         add_bench_parser(p, _add_engine_flags)
         p.set_defaults(func=cmd_bench)
+    from tidal.batch import add_batch_parser, run_batch
+    p = add_batch_parser(sub, _add_engine_flags)
+    p.set_defaults(func=lambda a: run_batch(a, engine_kwargs(a)))
     from tidal.server.cli import add_serve_parser, run_serve
     p = add_serve_parser(sub, _add_engine_flags)
     p.set_defaults(func=lambda a: run_serve(a, engine_kwargs(a)))
