@@ -35,9 +35,8 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, verbose: bool = False):
-        if config.quant != "none" or config.kv_quant != "none" or config.policy != "auto" \
-                or config.host_mem_bytes or config.offload_dir:
-            raise TidalError("quantization and offloading flags (--quant, --kv-quant, --host-mem, --offload-dir, "
+        if config.kv_quant != "none" or config.policy != "auto" or config.host_mem_bytes or config.offload_dir:
+            raise TidalError("KV quantization and offloading flags (--kv-quant, --host-mem, --offload-dir, "
                              "--policy) are not available in this version of tidal yet; drop them")
         self.config = config
         self.runner = ModelRunner(config, verbose=verbose)

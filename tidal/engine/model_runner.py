@@ -47,6 +47,9 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         self.model = build_model(hf, self.device, self.dtype, max_position=model_len)
         self._load_weights(verbose)
+        if config.quant != "none":
+            from tidal.weights.quantize_model import quantize_model
+            quantize_model(self.model, {"int8": 8, "int4": 4}[config.quant])
         self.load_seconds = time.perf_counter() - t0
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
