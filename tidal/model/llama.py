@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.model.layers.attention import Attention
+from tidal.model.loading import load_named_weights, map_packed_name
 from tidal.model.layers.embedding import Embedding, LMHead
 from tidal.model.layers.linear import Linear, MergedLinear
 from tidal.model.layers.norm import RMSNorm
@@ -105,38 +106,7 @@ class LlamaForCausalLM(nn.Module):
             return None
         if name == "lm_head.weight" and getattr(self.config, "tie_word_embeddings", False):
             return None
-        for hf_frag, (ours, shard) in self.packed_modules.items():
-            if f".{hf_frag}." in name:
-                return name.replace(hf_frag, ours), shard
-        return name, None
+        return map_packed_name(name, self.packed_modules)
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_named_weights(self, tensors)
-
-
-def load_named_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Copy checkpoint tensors into `model` via its `map_weight_name`; returns the parameters filled.
-    Raises ValueError naming any parameter the checkpoint did not provide."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
-    for hf_name, tensor in tensors:
-        mapped = model.map_weight_name(hf_name)
-        if mapped is None:
-            continue
-        name, shard = mapped
-        if name not in params:
-            raise ValueError(f"checkpoint tensor '{hf_name}' has no place in {type(model).__name__} (mapped to '{name}')")
-        param = params[name]
-        owner = model.get_submodule(name.rsplit(".", 1)[0])
-        if hasattr(owner, "weight_loader"):
-            owner.weight_loader(param, tensor, shard)
-        else:
-            if param.shape != tensor.shape:
-                raise ValueError(f"shape mismatch for {name}: {tuple(param.shape)} vs {tuple(tensor.shape)}")
-            param.data.copy_(tensor)
-        loaded.add(name)
-    tied = {n for n, p in params.items() if any(p is params[m] for m in loaded)}
-    missing = sorted(set(params) - loaded - tied)
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
-    return loaded

@@ -16,7 +16,7 @@ from torch import nn
 from tidal.model.layers.attention import Attention
 from tidal.model.layers.embedding import Embedding, LMHead
 from tidal.model.layers.linear import Linear, MergedLinear
-from tidal.model.llama import load_named_weights
+from tidal.model.loading import load_named_weights, map_packed_name
 
 _ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 _POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
@@ -98,10 +98,7 @@ class OPTForCausalLM(nn.Module):
                 break
         if name == "lm_head.weight":  # always tied to the token embedding in OPT
             return None
-        for hf_frag, (ours, shard) in self.packed_modules.items():
-            if f".{hf_frag}." in name:
-                return name.replace(hf_frag, ours), shard
-        return name, None
+        return map_packed_name(name, self.packed_modules)
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_named_weights(self, tensors)
