@@ -126,7 +126,9 @@ def machine() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    # load average at the end of the run: on a shared machine it says how noisy the figures are
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -134,7 +136,8 @@ def machine() -> dict:
 
 def make_results(workload: Workload, elapsed_s: float, load_s: float | None, output_tokens: int | None = None,
                  **extra) -> dict:
-    """Rates over the timed generation only (load excluded); output_tokens defaults to the workload's."""
+    """Rates over the timed generation only (load excluded); output_tokens defaults to the workload's.
+    Runners also pass cpu_s (process CPU time while timed): on a shared machine, elapsed/cpu shows contention."""
     out = workload.summary()["total_output_tokens"] if output_tokens is None else output_tokens
     total = out + workload.summary()["total_input_tokens"]
     return {"elapsed_s": round(elapsed_s, 3), "requests_per_s": round(len(workload.prompts) / elapsed_s, 4),
@@ -172,7 +175,8 @@ def format_table(records: list[dict]) -> str:
         head += "\nWARNING: the records ran different workloads; they do not compare"
     rows = [("", [_label(r) for r in records])]
     for key, name in (("output_tokens_per_s", "output tok/s"), ("total_tokens_per_s", "total tok/s"),
-                      ("requests_per_s", "requests/s"), ("elapsed_s", "elapsed s"), ("load_s", "load s")):
+                      ("requests_per_s", "requests/s"), ("elapsed_s", "elapsed s"), ("cpu_s", "cpu s"),
+                      ("load_s", "load s")):
         rows.append((name, ["-" if r["results"].get(key) is None else f"{r['results'][key]:,.2f}" for r in records]))
     width = max(12, *(len(c) for _, cells in rows for c in cells))
     lines = [f"{name:<14}" + "".join(f"{c:>{width + 2}}" for c in cells) for name, cells in rows]
@@ -195,9 +199,9 @@ def add_bench_parser(parser: argparse.ArgumentParser, add_engine_flags) -> None:
     for mod in PLUGIN_MODULES:
         try:
             importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is None or not mod.startswith(e.name):
-                raise
+        except ImportError as e:  # the plugin itself absent: skip; its dependency absent: say so, keep the rest
+            if not (e.name and (mod == e.name or mod.startswith(e.name + "."))):
+                print(f"tidal bench: {mod} not loaded ({e})", file=sys.stderr)
     sub = parser.add_subparsers(dest="bench_command", required=True)
     for name, (add_args, run, help_text) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -229,9 +233,9 @@ def run_throughput(args, engine_kwargs: dict) -> int:
     if args.warmup > 0:
         llm.generate([{"prompt_token_ids": list(range(MIN_TOKEN_ID, MIN_TOKEN_ID + 16))}] * args.warmup,
                      SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_tqdm)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != sum(wl.output_lens):
         print(f"tidal bench: warning: {produced} output tokens, the workload asked for {sum(wl.output_lens)}",
@@ -240,7 +244,7 @@ def run_throughput(args, engine_kwargs: dict) -> int:
     engine = {"name": "tidal", "model": cfg.model, "model_path": runner.checkpoint.path,
               "dtype": str(cfg.torch_dtype).removeprefix("torch."), "device": str(cfg.torch_device),
               "args": {**settings, "num_kv_blocks": runner.num_blocks}}
-    record = make_record(wl, engine, make_results(wl, elapsed, runner.load_seconds, produced))
+    record = make_record(wl, engine, make_results(wl, elapsed, runner.load_seconds, produced, cpu_s=round(cpu, 2)))
     print(format_table([record]))
     write_record(record, args.json_path)
     return 0

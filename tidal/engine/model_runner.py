@@ -17,6 +17,7 @@ from tidal.config import EngineConfig
 from tidal.engine.request import Request
 from tidal.engine.scheduler import ScheduledBatch
 from tidal.errors import TidalError
+from tidal.kernels import get_backend
 from tidal.kernels.metadata import AttentionMetadata, forward_context
 from tidal.model.registry import build_model, get_model_class
 from tidal.sampling import Sampler, SamplingMetadata
@@ -50,6 +51,10 @@ class ModelRunner:
         if config.quant != "none":
             from tidal.weights.quantize_model import quantize_model
             quantize_model(self.model, {"int8": 8, "int4": 4}[config.quant])
+        backend = get_backend(self.device)
+        for module in self.model.modules():
+            if hasattr(module, "pack"):
+                module.pack(backend)
         self.load_seconds = time.perf_counter() - t0
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads

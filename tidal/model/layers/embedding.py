@@ -24,5 +24,15 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(vocab_size), requires_grad=False) if bias else None
 
+    packed = None
+
+    def pack(self, backend) -> None:
+        """After loading: a faster layout of the head (a copy: a tied weight still serves the embedding)."""
+        packed = backend.pack_linear(self.weight.data)
+        if packed is not None:
+            self.backend, self.packed = backend, packed
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.backend.linear(hidden, self.weight, self.bias, self.packed)
         return F.linear(hidden, self.weight, self.bias)

@@ -24,7 +24,19 @@ class Linear(nn.Module):
         param.data.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.backend.linear(x, self.weight, self.bias, self.packed)
         return F.linear(x, self.weight, self.bias)
+
+    packed = None
+
+    def pack(self, backend) -> None:
+        """After loading: let the backend keep the weight in its faster layout (the plain copy is
+        dropped, so this is the last step of loading)."""
+        packed = backend.pack_linear(self.weight.data)
+        if packed is not None:
+            self.backend, self.packed = backend, packed
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
 
 class MergedLinear(Linear):
