@@ -1,6 +1,7 @@
 """Test helpers: a tidal ModelRunner over an in-memory HF model, and all-position logits."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,21 @@ class InMemoryCheckpoint:
         raise NotImplementedError
 
 
-def make_runner(hf_model, dtype="float32", num_blocks=256, block_size=4, checkpoint=None) -> ModelRunner:
+def make_runner(hf_model, dtype="float32", num_blocks=256, block_size=4, checkpoint=None,
+                pack: bool = False) -> ModelRunner:
+    """pack=False keeps plain linear weights (backend packing drops them), so tests can still
+    rewrite the model afterwards, e.g. quantize it."""
     cfg = EngineConfig(model="<in-memory>", device="cpu", dtype=dtype, num_kv_blocks=num_blocks,
                        block_size=block_size)
-    return ModelRunner(cfg, checkpoint=checkpoint or InMemoryCheckpoint(hf_model))
+    old = os.environ.get("TIDAL_PACK_LINEAR")
+    os.environ["TIDAL_PACK_LINEAR"] = "1" if pack else "0"
+    try:
+        return ModelRunner(cfg, checkpoint=checkpoint or InMemoryCheckpoint(hf_model))
+    finally:
+        if old is None:
+            os.environ.pop("TIDAL_PACK_LINEAR")
+        else:
+            os.environ["TIDAL_PACK_LINEAR"] = old
 
 
 def all_logits(runner: ModelRunner, prompts: list[list[int]], chunk: int | None = None) -> list[torch.Tensor]:

@@ -63,3 +63,15 @@ def test_logits_match_hf(kind):
     chunked = all_logits(runner, prompts, chunk=7)
     for a, b in zip(chunked, batched):
         assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_packed_bf16_linears_match_plain():
+    """The backend's packed weight layout (oneDNN on CPU bf16) computes the same logits."""
+    hf = _hf_model("llama")
+    prompts = _prompts()
+    plain = all_logits(make_runner(hf, dtype="bfloat16", pack=False), prompts)
+    packed_runner = make_runner(hf, dtype="bfloat16", pack=True)
+    packed = all_logits(packed_runner, prompts)
+    assert any(getattr(m, "packed", None) is not None for m in packed_runner.model.modules())
+    for a, b in zip(plain, packed):
+        assert (a - b).abs().max().item() <= 2e-2
