@@ -36,13 +36,13 @@ def load_model(model: str, dtype: torch.dtype):
 
 @torch.inference_mode()
 def run_batches(model, prompts: list[list[int]], out_lens: list[int], batch_size: int, pad_id: int,
-                progress: bool = True) -> tuple[float, int]:
-    """Time the whole workload at one batch size; returns (elapsed s, tokens generated incl. waste)."""
+                progress: bool = True) -> tuple[float, float, int]:
+    """Time the whole workload at one batch size; returns (elapsed s, CPU s, tokens generated incl. waste)."""
     order = sorted(range(len(prompts)), key=lambda i: (out_lens[i], len(prompts[i])))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     generated = 0
     bar = tqdm(total=len(prompts), desc=f"hf bs={batch_size}", unit=" req", disable=not progress)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for idx in batches:
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
@@ -56,9 +56,9 @@ def run_batches(model, prompts: list[list[int]], out_lens: list[int], batch_size
         assert out.shape[1] - width == n, f"generate stopped after {out.shape[1] - width} of {n} tokens"
         generated += len(idx) * n
         bar.update(len(idx))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     bar.close()
-    return elapsed, generated
+    return elapsed, cpu, generated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     run_batches(model, [list(range(100, 116))], [4], 1, pad_id, progress=False)  # warmup
     sweep = []
     for bs in [int(b) for b in args.batch_size.split(",")]:
-        elapsed, generated = run_batches(model, wl.prompts, wl.output_lens, bs, pad_id, not args.no_tqdm)
-        sweep.append({"batch_size": bs, **make_results(wl, elapsed, load_s, generated_tokens_incl_waste=generated)})
+        elapsed, cpu, generated = run_batches(model, wl.prompts, wl.output_lens, bs, pad_id, not args.no_tqdm)
+        sweep.append({"batch_size": bs, **make_results(wl, elapsed, load_s, cpu_s=round(cpu, 2),
+                                                       generated_tokens_incl_waste=generated)})
         print(f"batch {bs}: {sweep[-1]['output_tokens_per_s']} output tok/s", file=sys.stderr)
     best = max(sweep, key=lambda r: r["output_tokens_per_s"])
     results = {k: v for k, v in best.items() if k != "batch_size"}

@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     generate_exact(llm, list(range(100, 116)), 4)  # warmup
     produced = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for prompt, n in tqdm(list(zip(wl.prompts, wl.output_lens)), desc="llama.cpp", unit=" req",
                           disable=args.no_tqdm):
         produced += len(generate_exact(llm, prompt, n))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     engine = {"name": "llama.cpp", "model": args.model, "model_path": path, "dtype": "gguf-native",
               "device": "cpu", "args": {"n_threads": args.threads, "n_batch": args.n_batch, "n_ctx": n_ctx,
                                         "streams": 1, "sampling": "greedy (top_k=1)"}}
-    record = make_record(wl, engine, make_results(wl, elapsed, load_s, produced),
+    record = make_record(wl, engine, make_results(wl, elapsed, load_s, produced, cpu_s=round(cpu, 2)),
                          {"llama_cpp": importlib.metadata.version("llama_cpp_python")})
     print(format_table([record]))
     write_record(record, args.json_path)
