@@ -75,3 +75,14 @@ def test_packed_bf16_linears_match_plain():
     assert any(getattr(m, "packed", None) is not None for m in packed_runner.model.modules())
     for a, b in zip(plain, packed):
         assert (a - b).abs().max().item() <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_half_precision_runs_close_to_fp32(kind, dtype):
+    hf = _hf_model(kind)
+    prompts = _prompts()
+    ref = all_logits(make_runner(hf), prompts)
+    half = all_logits(make_runner(hf, dtype=dtype, pack=True), prompts)
+    for a, b in zip(ref, half):
+        assert (a - b).abs().max().item() <= 5e-2
