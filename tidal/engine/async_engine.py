@@ -12,6 +12,7 @@ Must not: know about HTTP, JSON or tokenization of requests (the server owns tho
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import threading
@@ -66,7 +67,7 @@ class RequestStream:
             self._engine._submit(("abort", self.request_id))
 
 
-class EngineFrontend:
+class EngineFrontend(abc.ABC):
     """What the server calls: add_request / generate / abort / stats. Subclasses carry commands to
     the engine (`_submit`) and say whether it runs (`is_running`): a thread here, a process in
     engine_proc.py."""
@@ -79,11 +80,11 @@ class EngineFrontend:
     _stats: dict
 
     @property
-    def is_running(self) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def is_running(self) -> bool: ...
 
-    def _submit(self, command: tuple) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _submit(self, command: tuple) -> None: ...
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           priority: int = 0) -> RequestStream:

@@ -154,7 +154,7 @@ class LLMEngine:
             req.first_token_time = now
             parent = self._parents[req.parent_id]
             parent.first_token_time = parent.first_token_time or now
-        req.output_token_ids.append(token)
+        req.append_output(token)
         self.stats["generation_tokens"] += 1
         if lp is not None and req.logprobs is not None:
             req.logprobs.append(lp)

@@ -84,8 +84,7 @@ class ModelRunner:
             raise TidalError(f"{self.checkpoint.path}: weights do not fit the model ({e})", param="model") from None
 
     def kv_bytes_per_block(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks:
@@ -192,12 +191,13 @@ class ModelRunner:
             entries = []
             if n_pred > 0:
                 lps = torch.log_softmax(self.model.compute_logits(hidden[flat_start:flat_start + n_pred]).float(), -1)
-                targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + n_pred], device=lps.device)
+                target_ids = req.prompt_token_ids[start + 1:start + 1 + n_pred]
+                targets = torch.tensor(target_ids, device=lps.device)
                 chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
                 k = req.params.prompt_logprobs
                 topv, topi = lps.topk(k, dim=-1) if k > 0 else (None, None)
                 for j in range(n_pred):
-                    d = {int(targets[j]): chosen[j]}
+                    d = {target_ids[j]: chosen[j]}
                     if k > 0:
                         for v, t in zip(topv[j].tolist(), topi[j].tolist()):
                             d.setdefault(t, v)

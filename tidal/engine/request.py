@@ -43,13 +43,18 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def __post_init__(self):
+        # prompt + output kept as one list, appended in place: the scheduler, the block manager and
+        # the runner read it every step, and rebuilding it there cost O(tokens) per request per step
+        self.all_token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
+
+    def append_output(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.all_token_ids.append(token)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
