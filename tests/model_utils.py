@@ -34,10 +34,10 @@ class InMemoryCheckpoint:
 
 
 def make_runner(hf_model, dtype="float32", num_blocks=256, block_size=4, checkpoint=None,
-                pack: bool = False) -> ModelRunner:
+                pack: bool = False, device: str = "cpu") -> ModelRunner:
     """pack=False keeps plain linear weights (backend packing drops them), so tests can still
     rewrite the model afterwards, e.g. quantize it."""
-    cfg = EngineConfig(model="<in-memory>", device="cpu", dtype=dtype, num_kv_blocks=num_blocks,
+    cfg = EngineConfig(model="<in-memory>", device=device, dtype=dtype, num_kv_blocks=num_blocks,
                        block_size=block_size)
     old = os.environ.get("TIDAL_PACK_LINEAR")
     os.environ["TIDAL_PACK_LINEAR"] = "1" if pack else "0"

@@ -25,19 +25,24 @@ from tidal.bench import add_workload_args, format_table, make_record, make_resul
 from tidal.weights.loader import open_checkpoint, resolve_model_path
 
 
-def load_model(model: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+def load_model(model: str, dtype: torch.dtype, device: str = "cpu", dummy: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
     path = resolve_model_path(model)
+    if dummy:  # random weights from config.json alone, like tidal's --load-format dummy
+        config = AutoConfig.from_pretrained(path if os.path.isdir(path) else os.path.dirname(path))
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), path
     if os.path.isdir(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), path
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device), path
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=dtype).eval(), path
+                                                dtype=dtype).eval().to(device), path
 
 
 @torch.inference_mode()
 def run_batches(model, prompts: list[list[int]], out_lens: list[int], batch_size: int, pad_id: int,
                 progress: bool = True) -> tuple[float, float, int]:
     """Time the whole workload at one batch size; returns (elapsed s, CPU s, tokens generated incl. waste)."""
+    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: (out_lens[i], len(prompts[i])))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     generated = 0
@@ -51,9 +56,11 @@ def run_batches(model, prompts: list[list[int]], out_lens: list[int], batch_size
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]):] = 1
         n = max(out_lens[i] for i in idx)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, pad_token_id=pad_id)
         assert out.shape[1] - width == n, f"generate stopped after {out.shape[1] - width} of {n} tokens"
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         generated += len(idx) * n
         bar.update(len(idx))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -67,15 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", default="8,16,32,64", help="comma list; every size runs, the best is reported")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights built from the model's config.json (no weight files)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    model, path = load_model(args.model, dtype)
+    model, path = load_model(args.model, dtype, args.device, args.load_format == "dummy")
     load_s = time.perf_counter() - t0
-    tokenizer = open_checkpoint(args.model).load_tokenizer() if args.dataset else None
+    tokenizer = open_checkpoint(args.model, require_weights=False).load_tokenizer() if args.dataset else None
     wl = workload_from_args(args, model.config.vocab_size, tokenizer)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     run_batches(model, [list(range(100, 116))], [4], 1, pad_id, progress=False)  # warmup
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     results["sweep"] = [{k: r[k] for k in ("batch_size", "elapsed_s", "output_tokens_per_s", "total_tokens_per_s")}
                         for r in sweep]
     engine = {"name": "hf-transformers", "model": args.model, "model_path": path, "dtype": args.dtype,
-              "device": "cpu", "batch_size": best["batch_size"],
+              "device": args.device, "load_format": args.load_format, "batch_size": best["batch_size"],
               "args": {"batching": "static, sorted by output length, left padding", "min_new_tokens": "= max_new_tokens",
                        "do_sample": False, "batch_sizes_tried": [r["batch_size"] for r in sweep]}}
     record = make_record(wl, engine, results)

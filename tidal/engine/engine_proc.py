@@ -257,7 +257,7 @@ def _load_tokenizer(config: EngineConfig):
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(config.tokenizer)
     from tidal.weights.loader import open_checkpoint
-    return open_checkpoint(config.model).load_tokenizer()
+    return open_checkpoint(config.model, require_weights=False).load_tokenizer()
 
 
 if __name__ == "__main__":

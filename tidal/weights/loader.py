@@ -117,11 +117,14 @@ class Checkpoint:
                     yield name, f.get_tensor(name).to(dtype)
 
 
-def open_checkpoint(model: str) -> Checkpoint:
-    """Resolve `model` and read everything but the tensor data; TidalError if it cannot be used."""
+def open_checkpoint(model: str, require_weights: bool = True) -> Checkpoint:
+    """Resolve `model` and read everything but the tensor data; TidalError if it cannot be used.
+
+    `require_weights=False` (for --load-format dummy) accepts a directory with only config.json
+    (and tokenizer files), so benchmarks of large models need no weight files at all."""
     path = resolve_model_path(model)
     if os.path.isdir(path):
-        return _open_hf_dir(path)
+        return _open_hf_dir(path, require_weights)
     # any other file must be a GGUF (whatever its name); load_or_build_index checks the magic bytes
     index, cache_dir = gguf_file.load_or_build_index(path)
     from transformers import AutoConfig
@@ -130,7 +133,7 @@ def open_checkpoint(model: str) -> Checkpoint:
     return Checkpoint(path, "gguf", config, cache_dir, _gguf_index=index)
 
 
-def _open_hf_dir(path: str) -> Checkpoint:
+def _open_hf_dir(path: str, require_weights: bool = True) -> Checkpoint:
     if not os.path.isfile(os.path.join(path, "config.json")):
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         hint = f" (it holds {ggufs[0]}: pass that file instead)" if ggufs else ""
@@ -143,7 +146,8 @@ def _open_hf_dir(path: str) -> Checkpoint:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # bad JSON, unknown model_type: the user's file, not our bug
         raise TidalError(f"cannot read '{os.path.join(path, 'config.json')}' ({type(e).__name__}: {e})", param="model")
-    return Checkpoint(path, "hf", config, path, _shards=_read_shards(path))
+    has_weights = require_weights or any(f.endswith(".safetensors") for f in os.listdir(path))
+    return Checkpoint(path, "hf", config, path, _shards=_read_shards(path) if has_weights else {})
 
 
 def _read_shards(path: str) -> dict[str, list[str]]:
