@@ -16,16 +16,17 @@ class RotaryEmbedding(nn.Module):
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
         params = getattr(hf_config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
-        if rope_type == "default":
-            base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-            scaling = 1.0
-        else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
-        t = torch.arange(max_position, dtype=torch.float)
-        freqs = t[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", freqs.cos() * scaling, persistent=False)  # [P, d/2], fp32
-        self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
+        target = torch.empty(0).device  # where the model is being built (build_model sets a default device)
+        with torch.device("cpu"):  # transformers' rope functions mix their own device with the default one
+            if rope_type == "default":
+                base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+                inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+                scaling = 1.0
+            else:
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+            freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", (freqs.cos() * scaling).to(target), persistent=False)  # [P, d/2], fp32
+        self.register_buffer("sin", (freqs.sin() * scaling).to(target), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, heads, d], k: [T, kv_heads, d] -> rotated, same dtype."""
