@@ -2,7 +2,8 @@
 
 Owns: `map_packed_name` (HF q/k/v or gate/up names -> our fused module and its shard) and
 `load_named_weights` (fills every parameter through its module's `weight_loader`, and names
-whatever the checkpoint did not provide).
+whatever the checkpoint did not provide). A quantized tensor (weights/quant.QuantizedWeight) goes
+as it is to a module that can hold one (a Linear), and is dequantized for any other.
 Must not: read files (weights/ yields the tensors) or build models.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from tidal.weights.quant import QuantizedWeight, dequantize
 
 
 def map_packed_name(name: str, packed_modules: dict[str, tuple[str, str]]) -> tuple[str, object]:
@@ -35,6 +38,8 @@ def load_named_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tens
             raise ValueError(f"checkpoint tensor '{hf_name}' has no place in {type(model).__name__} (mapped to '{name}')")
         param = params[name]
         owner = model.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(tensor, QuantizedWeight) and not hasattr(owner, "take_quantized"):
+            tensor = dequantize(tensor, param.dtype)
         if hasattr(owner, "weight_loader"):
             owner.weight_loader(param, tensor, shard)
         else:

@@ -2,7 +2,8 @@
 
 Owns: parsing a GGUF file once (gguf.GGUFReader) into a per-file cache (index.json plus the tokenizer
 transformers converts from the file), llama.cpp -> HF tensor names per GGUF architecture, undoing
-llama.cpp's q/k row permutation, and dequantizing ggml blocks from a memory map of the file.
+llama.cpp's q/k row permutation, and dequantizing ggml blocks from a memory map of the file (or
+handing Q4_1 blocks on as they are, for int4).
 Must not: know about tidal's model classes, devices or placement; it hands back CPU tensors.
 
 Why a cache: GGUFReader parses the 49k-token vocabulary and merge arrays element by element (2-3 s
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from tidal.errors import TidalError
+from tidal.weights.quant import from_gguf_q4_1
 
 INDEX_VERSION = 1
 GGUF_MAGIC = b"GGUF"
@@ -202,8 +204,10 @@ def _write_cache(path: str, index: dict, cache_dir: str) -> str:
     return tmp
 
 
-def iter_gguf_tensors(path: str, index: dict, config, dtype: torch.dtype):
-    """Yield (HF name, CPU tensor in dtype) for every tensor in the index, in file order."""
+def iter_gguf_tensors(path: str, index: dict, config, dtype: torch.dtype, keep_quantized=None):
+    """Yield (HF name, CPU tensor in dtype) for every tensor in the index, in file order. With
+    `keep_quantized=(4, 32)` (int4, group 32), 2-D Q4_1 tensors come as a QuantizedWeight instead:
+    their blocks as they are (weights/quant.from_gguf_q4_1), never dequantized."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     permute = ARCHITECTURES[index["architecture"]].permute_qk
     n_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
@@ -212,7 +216,10 @@ def iter_gguf_tensors(path: str, index: dict, config, dtype: torch.dtype):
         proj = t["name"].split(".")[-2]
         if permute and proj in n_heads:
             raw = unpermute_rows(raw.reshape(t["shape"][0], -1), n_heads[proj]).reshape(-1)
-        yield t["name"], dequantize(raw, t["type"], t["shape"], dtype)
+        if keep_quantized == (4, 32) and t["type"] == Q4_1 and len(t["shape"]) == 2:
+            yield t["name"], from_gguf_q4_1(raw, t["shape"][1])
+        else:
+            yield t["name"], dequantize(raw, t["type"], t["shape"], dtype)
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Group-wise asymmetric (min/max) int4 and int8 weight quantization.
 
 Owns: `QuantizedWeight` (packed unsigned ints plus a per-group scale and min, x = scale * q + min),
-`quantize`, `dequantize`, the int4 nibble packing, and `from_gguf_q4_1`, which maps GGUF Q4_1
-blocks onto the same layout bit for bit.
+`quantize`, `dequantize`, the int4 nibble packing, `concat_rows` (fused projections), and
+`from_gguf_q4_1`, which maps GGUF Q4_1 blocks onto the same layout bit for bit.
 Must not: know about modules, matmul kernels or devices (model/layers/quant_linear.py picks the
 kernel and its layout); it works on whatever device the tensors are on.
 
@@ -35,6 +35,10 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.min))
 
+    def to(self, device, non_blocking: bool = False) -> "QuantizedWeight":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return QuantizedWeight(move(self.qdata), move(self.scale), move(self.min), self.bits, self.group_size)
+
     def unpacked(self) -> torch.Tensor:
         """The unsigned integers as uint8 [out, in // group_size, group_size]."""
         out, in_features = self.shape
@@ -42,6 +46,17 @@ class QuantizedWeight:
             return self.qdata.view(out, -1, self.group_size)
         b = self.qdata.view(out, -1, self.group_size // 2)
         return torch.cat([b & 15, b >> 4], dim=-1)
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack weights along the output dim (a fused QKV or gate-up); groups never cross a row, so
+    this is exact. All parts must share bits and group size."""
+    first = parts[0]
+    if any((p.bits, p.group_size, p.shape[1]) != (first.bits, first.group_size, first.shape[1]) for p in parts):
+        raise ValueError("cannot stack quantized weights with different bits, group sizes or input sizes: "
+                         f"{[(p.bits, p.group_size, p.shape) for p in parts]}")
+    return QuantizedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("qdata", "scale", "min")),
+                           first.bits, first.group_size)
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
@@ -96,18 +111,18 @@ def from_gguf_q4_1(raw, in_features: int | None = None) -> QuantizedWeight:
     """GGUF Q4_1 rows (uint8 bytes, [rows, in / 32 * 20] or flat with `in_features`) -> group size 32,
     scale d, min m, nibbles copied as they are. Undo any llama.cpp row permutation on `raw` first
     (weights/gguf_file.unpermute_rows works on block bytes)."""
-    # a copy: raw is often a read-only memory map of the file, and the result must outlive it
-    data = raw if torch.is_tensor(raw) else torch.from_numpy(np.array(raw, copy=True))
-    data = data.view(torch.uint8)
+    # numpy, not torch: single-threaded, where each small torch op on busy cores can stall in its OpenMP
+    # region (see gguf_file.dequantize). The slices are copied: raw is often a read-only memory map
+    # of the file, and the result must outlive it.
+    data = (raw.cpu().numpy() if torch.is_tensor(raw) else np.asarray(raw)).view(np.uint8)
     if in_features is not None:
         data = data.reshape(-1, in_features // _Q4_1_BLOCK * _Q4_1_BYTES)
-    if data.dim() != 2 or data.shape[1] % _Q4_1_BYTES:
+    if data.ndim != 2 or data.shape[1] % _Q4_1_BYTES:
         raise ValueError(f"Q4_1 rows must be [rows, n * {_Q4_1_BYTES}] bytes, got shape {tuple(data.shape)}")
     rows = data.shape[0]
     blocks = data.reshape(rows, -1, _Q4_1_BYTES)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows, -1)
-    m = blocks[..., 2:4].contiguous().view(torch.float16).reshape(rows, -1)
-    qs = blocks[..., 4:].reshape(rows, -1).contiguous()
+    d, m, qs = (torch.from_numpy(blocks[..., a:b].copy().reshape(rows, -1)) for a, b in ((0, 2), (2, 4), (4, None)))
+    d, m = d.view(torch.float16), m.view(torch.float16)
     return QuantizedWeight(qs, d, m, 4, _Q4_1_BLOCK)
 
 

@@ -1,7 +1,10 @@
 """Quantize a loaded tidal model's linear layers in place (gpt-fast style: a separate step after load).
 
 Owns: `quantize_model`, which swaps every `Linear` / `MergedLinear` for a `QuantLinear` and leaves
-embeddings, the LM head and norms alone (they are other classes, and stay in the model dtype).
+embeddings, the LM head and norms alone (they are other classes, and stay in the model dtype); a
+layer whose weight arrived already quantized in the asked format (GGUF Q4_1, a `tidal quantize`
+directory) keeps those bits. Also `resolve_quantization` (--quant against what a checkpoint holds)
+and `check_group_sizes`.
 Must not: load weights (run it after `load_weights`: a QuantLinear has no weight_loader), or pick
 matmul kernels (QuantLinear does, per layer).
 """
@@ -13,7 +16,7 @@ from torch import nn
 from tidal.errors import TidalError
 from tidal.model.layers.linear import Linear, MergedLinear
 from tidal.model.layers.quant_linear import QuantLinear
-from tidal.weights.quant import check_group_size, quantize
+from tidal.weights.quant import check_group_size, dequantize, quantize
 
 # int4 in groups of 32: GGUF Q4_1's grid, so re-quantizing the default model (smollm2, Q4_1) from fp32
 # gives its weights back exactly; groups of 64 compound a second rounding (SmolLM2: top-1 agreement
@@ -21,6 +24,42 @@ from tidal.weights.quant import check_group_size, quantize
 # int8 per row runs torch's int8 kernel; int8 in groups could only take the dequantize path, 5-10x
 # slower at decode.
 DEFAULT_GROUP_SIZE = {4: 32, 8: None}
+_BITS = {"int8": 8, "int4": 4}
+
+
+def resolve_quantization(quant: str, stored: dict | None) -> tuple[int, int | None] | None:
+    """(bits, group size or None for one group per row) to quantize to, or None for none.
+
+    `quant` is the --quant flag; `stored` a checkpoint's own quantization ({"bits", "group_size"}),
+    which wins: --quant may be left out (none) or repeat it, but not ask for another format."""
+    if stored is not None:
+        bits, group_size = stored["bits"], stored["group_size"]
+        if quant not in ("none", f"int{bits}"):
+            raise TidalError(f"--quant {quant} conflicts with the checkpoint, which is already quantized to "
+                             f"int{bits} (group size {group_size or 'per row'}); leave --quant out, or quantize "
+                             "the original checkpoint again with `tidal quantize`", param="quant")
+        return bits, group_size
+    if quant == "none":
+        return None
+    if quant not in _BITS:
+        raise TidalError(f"--quant {quant} is not supported; use int8 or int4", param="quant")
+    return _BITS[quant], DEFAULT_GROUP_SIZE[_BITS[quant]]
+
+
+def check_group_sizes(model: nn.Module, bits: int, group_size: int | None = 0) -> int | None:
+    """Check that every linear layer can take (bits, group_size); returns the group size with 0
+    replaced by the default for `bits`. Works on a model built on the meta device."""
+    if bits not in (4, 8):
+        raise TidalError(f"--quant int{bits} is not supported; use int8 or int4", param="quant")
+    if group_size == 0:
+        group_size = DEFAULT_GROUP_SIZE[bits]
+    for name, m in model.named_modules():
+        if isinstance(m, Linear):
+            try:
+                check_group_size(m.in_features, group_size or m.in_features)
+            except ValueError as e:
+                raise TidalError(f"cannot quantize {name}: {e}", param="quant") from None
+    return group_size
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
@@ -30,16 +69,9 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
     `group_size`: 0 picks the default for `bits` (int4: 32, int8: one group per row); None is one
     group per row. `dense_min_rows`: see QuantLinear (trades memory for prefill speed).
     """
-    if bits not in (4, 8):
-        raise TidalError(f"--quant int{bits} is not supported; use int8 or int4", param="quant")
-    if group_size == 0:
-        group_size = DEFAULT_GROUP_SIZE[bits]
+    # check them all before changing any, so a bad size leaves the model whole
+    group_size = check_group_sizes(model, bits, group_size)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
-    for name, m in targets:  # check them all before changing any, so a bad size leaves the model whole
-        try:
-            check_group_size(m.in_features, group_size or m.in_features)
-        except ValueError as e:
-            raise TidalError(f"cannot quantize {name}: {e}", param="quant") from None
     paths = {}
     threads = torch.get_num_threads()
     # one thread: these are small elementwise ops, and on busy cores each OpenMP region stalls for
@@ -47,7 +79,12 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
     torch.set_num_threads(1)
     try:
         for name, m in targets:
-            qw = quantize(m.weight.data, bits, group_size, scale_dtype)
+            qw = m.take_quantized()
+            if qw is not None and (qw.bits, qw.group_size) != (bits, group_size or m.in_features):
+                dequantize(qw, m.weight.dtype, out=m.weight.data)  # another format: requantize from floats
+                qw = None
+            if qw is None:
+                qw = quantize(m.weight.data, bits, group_size, scale_dtype)
             bias = None if m.bias is None else m.bias.data
             out_sizes = m.out_sizes if isinstance(m, MergedLinear) else None
             q = QuantLinear(qw, bias, out_sizes, dense_min_rows=dense_min_rows)

@@ -1,7 +1,9 @@
 """Linear layers, including the fused ones made at load time.
 
 Owns: `Linear` and `MergedLinear` (QKV, gate-up: several HF weights stacked into one
-matmul). Each parameter knows how to take an HF tensor via `weight_loader(param, tensor, shard)`.
+matmul). Each parameter knows how to take an HF tensor via `weight_loader(param, tensor, shard)`;
+a weight that arrives already quantized (a QuantizedWeight) is held aside, not dequantized, until
+weights/quantize_model.py swaps the layer for a QuantLinear (`take_quantized`).
 Must not: read files (the loader yields tensors) or know model names.
 """
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tidal.weights.quant import QuantizedWeight, concat_rows, dequantize
 
 
 class Linear(nn.Module):
@@ -18,10 +22,27 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+    offsets: dict | None = None  # MergedLinear: shard -> (first row, rows)
+
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard=None) -> None:
         if param.shape != tensor.shape:
             raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(tensor.shape)}")
+        if isinstance(tensor, QuantizedWeight):
+            self.quantized_shards = {None: tensor}
+            return
         param.data.copy_(tensor)
+
+    def take_quantized(self) -> QuantizedWeight | None:
+        """The weight as it arrived quantized, every shard stacked, or None. Shards that cannot
+        stack (some arrived as floats, or in different formats) are dequantized into `weight`."""
+        shards = self.__dict__.pop("quantized_shards", {})
+        spans = self.offsets or {None: (0, self.out_features)}
+        if set(shards) == set(spans) and len({(q.bits, q.group_size) for q in shards.values()}) == 1:
+            return concat_rows([shards[k] for k in spans])
+        for key, qw in shards.items():
+            start, size = spans[key]
+            dequantize(qw, self.weight.dtype, out=self.weight.data[start:start + size])
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -53,9 +74,12 @@ class MergedLinear(Linear):
 
     def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard=None) -> None:
         start, size = self.offsets[shard]
-        if tensor.shape[0] != size or tensor.shape[1:] != param.shape[1:]:
+        if tensor.shape[0] != size or tuple(tensor.shape[1:]) != tuple(param.shape[1:]):
             raise ValueError(f"shape mismatch for shard {shard}: expected ({size}, ...{tuple(param.shape[1:])}), "
                              f"got {tuple(tensor.shape)}")
+        if isinstance(tensor, QuantizedWeight) and param is self.weight:
+            self.__dict__.setdefault("quantized_shards", {})[shard] = tensor
+            return
         param.data[start:start + size].copy_(tensor)
 
     def forward_split(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,56 @@
+"""torch's packed CPU matmul kernels for group-wise quantized weights (weights/quant.py's layout).
+
+Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one into a kernel's layout
+(`pack`, an opaque tuple the caller keeps), and the matmul on that layout (`matmul`):
+- "int4pack": `_weight_int4pack_mm_for_cpu`; int4, group 32/64/128/256, out % 16 == 0.
+- "int8pack": `_weight_int8pack_mm`; int8 with one group per row.
+Both run in bf16: their fp32 code is 10-30x slower (scalar), so fp32 inputs are cast to bf16 and
+the result back; the activations lose bf16 rounding, far below int4/int8 weight error.
+Must not: pick a device (kernels/__init__.py's backends route CPU tensors here) or dequantize
+(the "dequant" fallback, which every device runs, lives with the layer: model/layers/quant_linear.py).
+"""
+from __future__ import annotations
+
+import torch
+
+_KERNEL_DTYPE = torch.bfloat16
+_INT4_GROUPS = (32, 64, 128, 256)
+
+
+def cpu_paths(qw) -> tuple[str, ...]:
+    """The packed-kernel paths that can run `qw` (a QuantizedWeight) on CPU, best first."""
+    out_features, in_features = qw.shape
+    if qw.bits == 4 and qw.group_size in _INT4_GROUPS and out_features % 16 == 0:
+        return ("int4pack",)
+    if qw.bits == 8 and qw.group_size == in_features:
+        return ("int8pack",)
+    return ()
+
+
+def pack(qw, path: str) -> tuple:
+    out_features, in_features = qw.shape
+    if path == "int4pack":
+        q = qw.unpacked().reshape(out_features, in_features).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        # torch's kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale; [in / g, out, 2]
+        scale, mn = qw.scale.float(), qw.min.float()
+        sz = torch.stack([scale, mn + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+        return packed, sz.to(_KERNEL_DTYPE), qw.group_size
+    if path == "int8pack":
+        # the kernel is symmetric (w = q * scale); our q is unsigned with a min, so shift q by 128 and
+        # add the remainder, x . (min + 128 * scale) per output, after the matmul
+        qint8 = (qw.qdata.to(torch.int16) - 128).to(torch.int8)
+        scale, mn = qw.scale.float().view(-1), qw.min.float().view(-1)
+        return qint8, scale.to(_KERNEL_DTYPE), mn + 128 * scale
+    raise ValueError(f"no CPU quantized matmul path '{path}'")
+
+
+def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
+    """x [rows, in] @ the packed weight's transpose -> [rows, out] in x's dtype (no bias)."""
+    if path == "int4pack":
+        weight, scales_and_zeros, group_size = packed
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(_KERNEL_DTYPE), weight, group_size, scales_and_zeros).to(x.dtype)
+    qint8, scale, zero = packed
+    y = torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE), qint8, scale)
+    return torch.addr(y.float(), x.float().sum(-1), zero).to(x.dtype)
