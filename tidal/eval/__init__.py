@@ -1,0 +1,1 @@
+"""Quality evaluations that run the engine end to end (perplexity.py)."""
