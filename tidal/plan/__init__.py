@@ -1,5 +1,7 @@
 """Offloading policies: what they are (policy.py), what a step costs under one (cost model),
 and the linear-programming search that picks one (`tidal plan`, `--policy auto`).
 
-Must not: import the engine, runner or server; the runner asks this package for a policy.
+Must not: import the engine, runner or server; the runner asks this package for a policy:
+    profile, _, _ = tidal.plan.hardware.profile_for(engine_config)
+    policy, prediction = tidal.plan.search.choose_policy(hf_config, engine_config, prompt_len, gen_len, profile)
 """
