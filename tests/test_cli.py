@@ -25,7 +25,9 @@ def assert_one_line_error(proc, *words):
 
 
 def test_chat_answers_paris():
-    proc = run_tidal("chat", "What is the capital of France?", "--max-tokens", "24")
+    # fp32: in bf16 this prompt's first token is a near tie ("The" 25.5 vs "L" 25.375 in
+    # transformers' arithmetic), so one-ulp differences of fused kernels can flip it
+    proc = run_tidal("chat", "What is the capital of France?", "--max-tokens", "24", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
 

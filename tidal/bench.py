@@ -241,9 +241,11 @@ def run_throughput(args, engine_kwargs: dict) -> int:
         print(f"tidal bench: warning: {produced} output tokens, the workload asked for {sum(wl.output_lens)}",
               file=sys.stderr)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("model",)}
+    placement = getattr(runner, "placement", None)  # only when the policy offloads weights
     engine = {"name": "tidal", "model": cfg.model, "model_path": runner.checkpoint.path,
               "dtype": str(cfg.torch_dtype).removeprefix("torch."), "device": str(cfg.torch_device),
-              "args": {**settings, "num_kv_blocks": runner.num_blocks}}
+              "args": {**settings, "num_kv_blocks": runner.num_blocks, "resolved_policy": str(runner.policy),
+                       "weight_placement": placement.summary() if placement else None}}
     record = make_record(wl, engine, make_results(wl, elapsed, runner.load_seconds, produced, cpu_s=round(cpu, 2)))
     print(format_table([record]))
     write_record(record, args.json_path)

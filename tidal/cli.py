@@ -58,8 +58,10 @@ def _make_engine(args):
     return engine
 
 
-def _stream(engine, prompt_token_ids: list[int], params, out=sys.stdout) -> str:
-    """Run one request to completion, printing each text delta as it arrives."""
+def _stream(engine, prompt_token_ids: list[int], params, out=None) -> str:
+    """Run one request to completion, printing each text delta as it arrives (to sys.stdout as it
+    is at call time, not at import time)."""
+    out = out or sys.stdout
     rid = engine.add_request(None, None, params, prompt_token_ids=prompt_token_ids)
     text = ""
     try:
@@ -160,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tidal.server.cli import add_serve_parser, run_serve
     p = add_serve_parser(sub, _add_engine_flags)
     p.set_defaults(func=lambda a: run_serve(a, engine_kwargs(a)))
+    from tidal.quantize import add_quantize_parser, run_quantize
+    add_quantize_parser(sub).set_defaults(func=run_quantize)
+    from tidal.plan.cli import add_parser as add_plan_parser
+    add_plan_parser(sub)  # sets func=tidal.plan.cli.run
     return parser
 
 

@@ -115,6 +115,9 @@ class EngineConfig:
         for name in ("quant", "kv_quant"):
             if getattr(self, name) not in ("none", "int8", "int4"):
                 raise TidalError(f"--{name.replace('_', '-')} must be none, int8 or int4", param=name)
+        if self.policy != "auto":
+            from tidal.plan.policy import Policy
+            Policy.parse(self.policy)  # a malformed policy fails here, with the accepted forms
         if self.load_format not in ("auto", "dummy"):
             raise TidalError("--load-format must be auto or dummy", param="load_format")
         self.kv_mem_bytes = parse_size(self.kv_mem, "kv_mem")
@@ -151,7 +154,11 @@ ENGINE_FLAGS = [
     ("kv_quant", str, "KV cache quantization: none, int8, int4"),
     ("device_mem", str, "device memory budget, e.g. 16GiB"),
     ("host_mem", str, "host memory budget, e.g. 64GiB"),
-    ("offload_dir", str, "directory for weights offloaded to disk"),
-    ("policy", str, "offloading policy: auto or an explicit policy string"),
+    ("offload_dir", str, "directory for weights offloaded to disk (written once, reused on the next start); "
+                         "not needed when the policy's disk layers map a safetensors checkpoint in place"),
+    ("policy", str, "where weights/KV live and how a step is batched: auto (all resident unless --host-mem / "
+                    "--device-mem force offloading), or e.g. 'w=20,80,0 kv=0,100,0 bs=32 mb=4 cpu-attn=on' "
+                    "(percent on device,host,disk; bs sequences per micro-batch; mb micro-batches share each "
+                    "layer load), or FlexGen's six --percent numbers '20 80 0 100 0 100'"),
     ("load_format", str, "auto, or dummy (random weights, no files)"),
 ]

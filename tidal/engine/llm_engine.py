@@ -35,9 +35,6 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, verbose: bool = False):
-        if config.kv_quant != "none" or config.policy != "auto" or config.host_mem_bytes or config.offload_dir:
-            raise TidalError("KV quantization and offloading flags (--kv-quant, --host-mem, --offload-dir, "
-                             "--policy) are not available in this version of tidal yet; drop them")
         self.config = config
         self.runner = ModelRunner(config, verbose=verbose)
         ckpt = self.runner.checkpoint
@@ -50,7 +47,9 @@ class LLMEngine:
         self.runner.eos_token_ids = self.eos_token_ids
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        # an offloading policy's batch: bs sequences in each of mb micro-batches
+        max_num_seqs = self.runner.policy.effective_batch or config.max_num_seqs
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, config.max_num_batched_tokens)
         self._rng = random.Random(config.seed)
         self._parents: dict[str, _Parent] = {}
         self._requests: dict[str, Request] = {}

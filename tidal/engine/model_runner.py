@@ -2,7 +2,9 @@
 
 Owns: loading the model onto the device, the KV cache tensors (one pool, sized from
 --kv-mem / --num-kv-blocks), building the flat batch tensors (token ids, positions, slot
-mapping, block tables, sequence lengths), the forward pass, and sampling.
+mapping, block tables, sequence lengths), the forward pass, and sampling. When the policy
+(--policy, --host-mem) offloads weights or micro-batches a step, the model is built and each
+step run by engine/offload_runner.py; both schedules share `_prepare` and `_sample`.
 Must not: decide who runs (the scheduler does) or touch request lifecycles (the engine does).
 """
 from __future__ import annotations
@@ -14,14 +16,17 @@ import torch
 from tqdm import tqdm
 
 from tidal.config import EngineConfig
+from tidal.engine.offload_runner import OffloadSchedule, build_offloaded_model, kv_cache_devices, resolve_policy
 from tidal.engine.request import Request
 from tidal.engine.scheduler import ScheduledBatch
 from tidal.errors import TidalError
 from tidal.kernels import get_backend
 from tidal.kernels.metadata import AttentionMetadata, forward_context
+from tidal.kv.quant_cache import allocate_kv_cache, kv_bytes_per_token
 from tidal.model.registry import build_model, get_model_class
 from tidal.sampling import Sampler, SamplingMetadata
 from tidal.weights.loader import Checkpoint, open_checkpoint
+from tidal.weights.quantize_model import quantize_model, resolve_quantization
 
 
 @dataclass
@@ -41,39 +46,53 @@ class ModelRunner:
         self.config = config
         self.device, self.dtype = config.torch_device, config.torch_dtype
         t0 = time.perf_counter()
-        self.checkpoint = checkpoint or open_checkpoint(config.model)
+        self.checkpoint = checkpoint or open_checkpoint(config.model, require_weights=config.load_format != "dummy")
         hf = self.hf_config = self.checkpoint.hf_config
         get_model_class(hf)  # unknown architecture -> clear error before any work
         model_len = getattr(hf, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)
-        self.model = build_model(hf, self.device, self.dtype, max_position=model_len)
-        self._load_weights(verbose)
-        if config.quant != "none":
-            from tidal.weights.quantize_model import quantize_model
-            quantize_model(self.model, {"int8": 8, "int4": 4}[config.quant])
-        backend = get_backend(self.device)
-        for module in self.model.modules():
-            if hasattr(module, "pack"):
-                module.pack(backend)
+        # where weights / KV live and how a step is micro-batched (engine/offload_runner.py)
+        self.policy = resolve_policy(config, hf, self.dtype, self.max_model_len, _DEFAULT_CPU_KV_MEM)
+        # (bits, group size) or None: --quant, or what a `tidal quantize` directory already holds
+        quant = resolve_quantization(config.quant if config.quant != "none" else self.policy.quant,
+                                     getattr(self.checkpoint, "quantization", None))
+        self.prefetcher = None
+        if self.policy.offloads_weights:
+            self.model, self.placement, self.prefetcher = build_offloaded_model(
+                self, self.policy, model_len, quant, verbose)
+        else:
+            self.model = build_model(hf, self.device, self.dtype, max_position=model_len)
+            self._load_weights(verbose, quant)
+            if quant is not None:
+                quantize_model(self.model, *quant)
+            backend = get_backend(self.device)
+            for module in self.model.modules():
+                if hasattr(module, "pack"):
+                    module.pack(backend)
+        self.schedule = OffloadSchedule(self, self.policy.num_micro_batches, self.prefetcher) \
+            if self.policy.offloads_weights or self.policy.num_micro_batches > 1 else None
         self.load_seconds = time.perf_counter() - t0
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        # per layer (k_cache, v_cache): [num_blocks, block_size, kv_heads, head_dim] tensors, or QuantKVCache
+        kv_devices = kv_cache_devices(self.policy, self.num_layers, self.device)  # the policy's host share: CPU
+        self.kv_caches = [allocate_kv_cache(self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim,
+                                            self.dtype, kv_devices[i], config.kv_quant) for i in range(self.num_layers)]
         self.sampler = Sampler()
         self.vocab_size = hf.vocab_size
 
-    def _load_weights(self, verbose: bool) -> None:
+    def _load_weights(self, verbose: bool, quant: tuple[int, int | None] | None = None) -> None:
         if self.config.load_format == "dummy":
             gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
             for p in self.model.parameters():
                 p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02)
             return
-        tensors = self.checkpoint.iter_tensors(self.dtype)
+        # weights stored in the asked format (GGUF Q4_1, `tidal quantize` dirs) come quantized, not re-done
+        tensors = (self.checkpoint.iter_tensors(self.dtype, keep_quantized=quant) if quant
+                   else self.checkpoint.iter_tensors(self.dtype))
         if verbose:
             total = getattr(self.checkpoint, "num_tensors", None)
             tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False,
@@ -84,7 +103,8 @@ class ModelRunner:
             raise TidalError(f"{self.checkpoint.path}: weights do not fit the model ({e})", param="model") from None
 
     def kv_bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        per_token = kv_bytes_per_token(self.num_kv_heads, self.head_dim, self.dtype, self.config.kv_quant)
+        return 2 * self.num_layers * self.block_size * per_token
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks:
@@ -155,13 +175,23 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> tuple[dict[str, object], dict]:
         """Run one step. Returns ({request_id: (token, logprobs)} for requests that reached their last
         token, {request_id: prompt logprobs of this chunk})."""
+        parts = self.schedule.forward(batch, block_tables) if self.schedule is not None \
+            else [self.forward(batch, block_tables)]
+        return self._sample(parts)
+
+    def _sample(self, parts: list) -> tuple[dict[str, object], dict]:
+        """Sample the rows that need it from [(hidden, BatchLayout)] (one per micro-batch), as one batch."""
         dev = self.device
-        hidden, layout = self.forward(batch, block_tables)
-        sample_idx, sample_reqs, plp_rows = layout.sample_idx, layout.sample_reqs, layout.plp_rows
-        prompt_logprobs = self._prompt_logprobs(hidden, plp_rows) if plp_rows else {}
+        prompt_logprobs, rows, sample_reqs = {}, [], []
+        for hidden, layout in parts:
+            if layout.plp_rows:
+                prompt_logprobs.update(self._prompt_logprobs(hidden, layout.plp_rows))
+            if layout.sample_reqs:
+                rows.append(hidden[torch.tensor(layout.sample_idx, device=dev)])
+                sample_reqs += layout.sample_reqs
         if not sample_reqs:
             return {}, prompt_logprobs
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=dev)]).float()
+        logits = self.model.compute_logits(torch.cat(rows) if len(rows) > 1 else rows[0]).float()
         smeta = SamplingMetadata.build(
             [r.params for r in sample_reqs], [r.seed for r in sample_reqs],
             [r.prompt_token_ids for r in sample_reqs], [r.output_token_ids for r in sample_reqs],

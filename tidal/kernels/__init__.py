@@ -1,9 +1,12 @@
 """One backend interface over the ops that differ by device.
 
 Owns: `get_backend(device)`, which returns an object with the ops layers call
-(`write_kv`, `paged_attention`, `pack_linear` / `linear`). Layers never branch on cpu vs cuda; this is the only place
-that does. Triton kernels for CUDA plug in here (kernels/triton/), falling back to the torch
-reference ops in torch_ops.py.
+(`write_kv`, `paged_attention`, `pack_linear` / `linear`,
+`quant_linear_paths` / `pack_quant_linear` / `quant_linear`); the KV caches are plain tensors or
+kv/quant_cache.QuantKVCache (--kv-quant), and every op takes both; a cache on another device
+than q (the policy's host share of the KV under a GPU model) goes through kernels/host_kv.py.
+Layers never branch on cpu vs cuda; this is the only place that does. Triton kernels for CUDA
+plug in here (kernels/triton/), falling back to the torch reference ops in torch_ops.py.
 Must not: import model, engine or server code.
 """
 from __future__ import annotations
@@ -12,12 +15,20 @@ import os
 
 import torch
 
-from tidal.kernels import torch_ops
+from tidal.kernels import host_kv, quant_ops, torch_ops
+from tidal.kv.quant_cache import QuantKVCache
 
 
 class TorchBackend:
     name = "torch"
-    write_kv = staticmethod(torch_ops.write_kv)
+    rms_norm = staticmethod(torch_ops.rms_norm)
+    rotary = staticmethod(torch_ops.rotary)
+    silu_and_mul = staticmethod(torch_ops.silu_and_mul)
+
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        if k_cache.device != k.device:  # a host-resident cache under a GPU model (kernels/host_kv.py)
+            return host_kv.write_kv(get_backend("cpu"), k, v, k_cache, v_cache, slot_mapping)
+        return torch_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def pack_linear(self, weight: torch.Tensor):
         """A backend-specific layout of a linear weight for faster matmuls, or None."""
@@ -26,7 +37,21 @@ class TorchBackend:
     def linear(self, x, weight, bias, packed=None):
         return torch.nn.functional.linear(x, weight, bias)
 
+    def quant_linear_paths(self, qw) -> tuple[str, ...]:
+        """Packed-kernel matmul paths that run QuantizedWeight `qw` here, best first. None listed:
+        the layer dequantizes into a float buffer instead ("dequant"), which runs anywhere."""
+        return ()
+
+    def pack_quant_linear(self, qw, path: str):
+        raise ValueError(f"the {self.name} backend has no quantized matmul path '{path}'")
+
+    def quant_linear(self, x, path: str, packed):
+        """x [rows, in] times the weight `pack_quant_linear` packed for `path`; no bias."""
+        raise ValueError(f"the {self.name} backend has no quantized matmul path '{path}'")
+
     def paged_attention(self, q, k_cache, v_cache, meta, scale):
+        if k_cache.device != q.device:
+            return host_kv.paged_attention(get_backend("cpu"), q, k_cache, v_cache, meta, scale)
         return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale)
 
 
@@ -58,10 +83,44 @@ class CpuBackend(TorchBackend):
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
+    # one pass each instead of torch's 5-9 ops (kernels/cpu/fused_ops.cpp): ~10 ms of a 70 ms decode step
+    def rms_norm(self, x, residual, weight, eps):
+        ext = self._cpu.ready()
+        if ext is None or not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+            return torch_ops.rms_norm(x, residual, weight, eps)
+        if residual is None:
+            return ext.add_rms_norm(x, None, weight, eps)
+        return ext.add_rms_norm(x, residual, weight, eps), residual
+
+    def rotary(self, q, k, cos, sin, positions):
+        ext = self._cpu.ready()
+        if ext is None or q.stride(-2) != q.shape[-1] or k.stride(-2) != k.shape[-1]:
+            return torch_ops.rotary(q, k, cos, sin, positions)
+        ext.rotary_(q, k, cos, sin, positions)
+        return q, k
+
+    def silu_and_mul(self, gate_up):
+        ext = self._cpu.ready()
+        if ext is None or not gate_up.is_contiguous():
+            return torch_ops.silu_and_mul(gate_up)
+        return ext.silu_and_mul(gate_up)
+
+    # torch's int4/int8 weight-packed CPU kernels (kernels/quant_ops.py)
+    quant_linear_paths = staticmethod(quant_ops.cpu_paths)
+    pack_quant_linear = staticmethod(quant_ops.pack)
+    quant_linear = staticmethod(quant_ops.matmul)
+
     def paged_attention(self, q, k_cache, v_cache, meta, scale):
         ext = self._cpu.ready()
         decode = None
-        if ext is not None:
+        if isinstance(k_cache, QuantKVCache):
+            if ext is not None and k_cache.scale.dtype == torch.float16:
+                kernel, bits, group = torch.ops.tidal_kv.paged_decode_quant, k_cache.bits, k_cache.group_size
+
+                def decode(q_dec, block_tables, seq_lens, max_seq_len):
+                    return kernel(q_dec, *k_cache.parts(), *v_cache.parts(), block_tables, seq_lens, scale,
+                                  bits, group)
+        elif ext is not None:
             def decode(q_dec, block_tables, seq_lens, max_seq_len):
                 return ext.paged_decode_attention(q_dec, k_cache, v_cache, block_tables, seq_lens, scale)
         return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale, decode=decode)

@@ -1,7 +1,8 @@
 """Torch reference ops: correct on any device, the fallback for every backend.
 
-Owns: writing new K/V into the paged cache and attention over the paged cache for a
-mixed batch of prefills (possibly chunked, possibly on top of a cached prefix) and decodes.
+Owns: writing new K/V into the paged cache (plain, or a kv/quant_cache.QuantKVCache, which is
+quantized on write and dequantized on read) and attention over the paged cache for a mixed batch
+of prefills (possibly chunked, possibly on top of a cached prefix) and decodes.
 Must not: know about requests, schedulers or models; everything arrives as tensors plus
 `AttentionMetadata`.
 """
@@ -11,21 +12,33 @@ import torch
 import torch.nn.functional as F
 
 from tidal.kernels.metadata import AttentionMetadata
+from tidal.kv.quant_cache import QuantKVCache, dequantize_blocks, write_kv_quant
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, head_dim] -> cache slots given by slot_mapping [T]."""
+    """k, v: [T, kv_heads, head_dim] -> cache slots given by slot_mapping [T] (quantized first for a
+    QuantKVCache)."""
+    if isinstance(k_cache, QuantKVCache):
+        return write_kv_quant(k, v, k_cache, v_cache, slot_mapping)
     nb, bs, h, d = k_cache.shape
     k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def select_blocks(cache, block_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Whole cache blocks as a dense [n, block_size, kv_heads, head_dim] tensor; a QuantKVCache's are
+    dequantized to `dtype`, a plain cache's keep its own dtype."""
+    if isinstance(cache, QuantKVCache):
+        return dequantize_blocks(cache, block_ids, dtype)
+    return cache.index_select(0, block_ids)
+
+
+def gather_kv(cache, block_table: torch.Tensor, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The first `length` tokens of one sequence as a dense [length, kv_heads, head_dim] tensor."""
     nb, bs, h, d = cache.shape
     n_blocks = (length + bs - 1) // bs
-    return cache.index_select(0, block_table[:n_blocks]).view(n_blocks * bs, h, d)[:length]
+    return select_blocks(cache, block_table[:n_blocks], dtype).view(n_blocks * bs, h, d)[:length]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -83,8 +96,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     q_len, num_heads, d = q.shape
     kvh = k_cache.shape[2]
     group = num_heads // kvh
-    k = gather_kv(k_cache, block_table, seq_len).transpose(0, 1)   # [kvh, S, d]
-    v = gather_kv(v_cache, block_table, seq_len).to(q.dtype).transpose(0, 1)
+    k = gather_kv(k_cache, block_table, seq_len, q.dtype).transpose(0, 1)   # [kvh, S, d]
+    v = gather_kv(v_cache, block_table, seq_len, q.dtype).to(q.dtype).transpose(0, 1)
     causal = q_len > 1
     if num_heads * q_len * seq_len > _MATMUL_ATTENTION_MAX_SCORES:
         return _sdpa_prefill(q, k.to(q.dtype), v, seq_len, scale)
@@ -120,11 +133,43 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     nb, bs, kvh, _ = k_cache.shape
     n_blocks = (max_seq_len + bs - 1) // bs
     tables = block_tables[:, :n_blocks].reshape(-1)
-    k = k_cache.index_select(0, tables).view(b, n_blocks * bs, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
-    v = v_cache.index_select(0, tables).view(b, n_blocks * bs, kvh, d).transpose(1, 2)
+    k = select_blocks(k_cache, tables, q.dtype).view(b, n_blocks * bs, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
+    v = select_blocks(v_cache, tables, q.dtype).view(b, n_blocks * bs, kvh, d).transpose(1, 2)
     qg = q.view(b, kvh, num_heads // kvh, d).to(k.dtype)                                 # [B, kvh, g, d]
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale                       # [B, kvh, g, S]
     pos = torch.arange(n_blocks * bs, device=q.device)
     scores.masked_fill_((pos[None, :] >= seq_lens[:, None])[:, None, None, :], float("-inf"))
     probs = scores.softmax(-1).to(v.dtype)
     return torch.matmul(probs, v).view(b, num_heads, d).to(q.dtype)
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """norm(x) * weight (in fp32, as HF does) or, with a residual, (norm(x + residual) * weight, x + residual)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
+    """Rotate-half (NeoX) rotary embedding of q [T, heads, d] and k [T, kv_heads, d] with the fp32
+    tables cos/sin [P, d/2] at `positions`; returns new tensors in q's dtype."""
+    cos = cos.index_select(0, positions)[:, None, :]
+    sin = sin.index_select(0, positions)[:, None, :]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2I] -> silu(gate) * up, [rows, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidal.kernels import get_backend
 from tidal.model.layers.attention import Attention
 from tidal.model.loading import load_named_weights, map_packed_name
 from tidal.model.layers.embedding import Embedding, LMHead
@@ -48,8 +49,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": cfg.intermediate_size, "up": cfg.intermediate_size}, bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias)
         self.act = _ACTS[cfg.hidden_act]
+        self.fused_silu = cfg.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_silu:
+            return self.down_proj(get_backend(x.device).silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj.forward_split(x)
         return self.down_proj(self.act(gate) * up)
 
@@ -90,11 +94,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied_to=self.embed_tokens if tied else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
-        return x
+        state = self.embed(input_ids, positions)
+        for i in range(len(self.layers)):
+            state = self.layer_forward(i, positions, state)
+        return self.final_norm(state)
+
+    # One step in pieces, for schedules that run layer by layer over several micro-batches
+    # (engine/offload_runner.py). `state` is whatever passes between layers: here (x, residual).
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        return self.embed_tokens(input_ids), None
+
+    def layer_forward(self, i: int, positions: torch.Tensor, state):
+        return self.layers[i](positions, *state)
+
+    def final_norm(self, state) -> torch.Tensor:
+        return self.norm(*state)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

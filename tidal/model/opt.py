@@ -75,12 +75,23 @@ class OPTForCausalLM(nn.Module):
         self.lm_head = LMHead(cfg.vocab_size, proj, tied_to=self.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids, positions)
+        for i in range(len(self.layers)):
+            x = self.layer_forward(i, positions, x)
+        return self.final_norm(x)
+
+    # One step in pieces, for schedules that run layer by layer over several micro-batches
+    # (engine/offload_runner.py); the state between layers is the hidden state.
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        x = x + self.embed_positions(positions + _POSITION_OFFSET)
-        for layer in self.layers:
-            x = layer(x)
+        return x + self.embed_positions(positions + _POSITION_OFFSET)
+
+    def layer_forward(self, i: int, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[i](x)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tidal.errors import TidalError
-from tidal.weights import gguf_file
+from tidal.weights import gguf_file, quantized_dir
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,6 +88,8 @@ class Checkpoint:
     format: str  # "hf" or "gguf"
     hf_config: "object"  # a transformers.PretrainedConfig, e.g. LlamaConfig
     tokenizer_dir: str  # loads with AutoTokenizer.from_pretrained()
+    # {"bits", "group_size", "format"} for a `tidal quantize` directory (weights/quantized_dir.py)
+    quantization: dict | None = None
     _gguf_index: dict | None = field(default=None, repr=False)
     _shards: dict[str, list[str]] | None = field(default=None, repr=False)  # safetensors file -> tensor names
 
@@ -96,6 +98,8 @@ class Checkpoint:
         """How many pairs iter_tensors yields (a progress bar's total)."""
         if self.format == "gguf":
             return len(self._gguf_index["tensors"])
+        if self.quantization is not None:
+            return quantized_dir.num_tensors(self._shards)
         return sum(len(names) for names in self._shards.values())
 
     def load_tokenizer(self):
@@ -104,10 +108,18 @@ class Checkpoint:
 
         return AutoTokenizer.from_pretrained(self.tokenizer_dir)
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF parameter name, CPU tensor in `dtype`), one tensor in memory at a time."""
+    def iter_tensors(self, dtype: torch.dtype, keep_quantized: tuple[int, int | None] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF parameter name, CPU tensor in `dtype`), one tensor in memory at a time.
+
+        `keep_quantized=(bits, group_size)`: tensors stored in exactly that group-wise format (GGUF
+        Q4_1 for (4, 32), a `tidal quantize` directory's linears) come as a QuantizedWeight instead,
+        bits as stored; every other tensor is still dequantized to `dtype`."""
         if self.format == "gguf":
-            yield from gguf_file.iter_gguf_tensors(self.path, self._gguf_index, self.hf_config, dtype)
+            yield from gguf_file.iter_gguf_tensors(self.path, self._gguf_index, self.hf_config, dtype, keep_quantized)
+            return
+        if self.quantization is not None:
+            yield from quantized_dir.iter_tensors(self._shards, self.quantization, dtype, keep_quantized)
             return
         from safetensors import safe_open
 
@@ -147,7 +159,8 @@ def _open_hf_dir(path: str, require_weights: bool = True) -> Checkpoint:
     except Exception as e:  # bad JSON, unknown model_type: the user's file, not our bug
         raise TidalError(f"cannot read '{os.path.join(path, 'config.json')}' ({type(e).__name__}: {e})", param="model")
     has_weights = require_weights or any(f.endswith(".safetensors") for f in os.listdir(path))
-    return Checkpoint(path, "hf", config, path, _shards=_read_shards(path) if has_weights else {})
+    return Checkpoint(path, "hf", config, path, quantization=quantized_dir.read_quantization(config, path),
+                      _shards=_read_shards(path) if has_weights else {})
 
 
 def _read_shards(path: str) -> dict[str, list[str]]:

@@ -41,12 +41,46 @@ def load():
             return None
         try:
             from torch.utils.cpp_extension import load as load_ext
-            src = os.path.join(os.path.dirname(__file__), "paged_decode.cpp")
+            here = os.path.dirname(__file__)
+            # paged_decode_quant.cpp registers torch.ops.tidal_kv.paged_decode_quant (quantized KV caches)
+            # fused_ops.cpp: RMSNorm+residual, SiLU-and-mul, rotary in one pass each (bound in paged_decode.cpp)
+            src = [os.path.join(here, f) for f in ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp")]
             flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-            _ext = load_ext(name="tidal_cpu_kernels", sources=[src], extra_cflags=flags,
+            name = _build_name(src + [os.path.join(here, "fused_ops.h")], flags)
+            _clear_stale_lock(name)
+            _ext = load_ext(name=name, sources=src, extra_cflags=flags,
                             extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("TIDAL_VERBOSE")))
         except Exception as e:  # no compiler, no ninja, odd platform: the torch ops still work
             print(f"[tidal] CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                   "using torch reference ops", file=sys.stderr)
             _ext = None
         return _ext
+
+
+def _build_name(files: list[str], flags: list[str]) -> str:
+    """A build folder per version of the sources: two checkouts (or a git bisect) never rebuild
+    over each other's library, and an edited source never loads a stale one."""
+    import hashlib
+
+    import torch
+    h = hashlib.sha1(" ".join(flags + [torch.__version__]).encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return f"tidal_cpu_kernels_{h.hexdigest()[:10]}"
+
+
+_STALE_LOCK_S = 600  # a build takes 30-75 s; an older lock was left by a process killed mid-build
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's builder waits forever on a lock file that a killed build left behind."""
+    import time
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
+            print(f"[tidal] removing a stale CPU-kernel build lock ({lock})", file=sys.stderr)
+            os.remove(lock)
+    except (ImportError, OSError):
+        pass

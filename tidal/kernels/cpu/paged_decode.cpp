@@ -6,6 +6,7 @@
 // products with vdpbf16ps, 16 tokens' scores reduced together, a vector exp, and the output
 // accumulated in registers; 3.4x faster than the generic loop at batch 64 (one thread, measured).
 #include <torch/extension.h>
+#include "fused_ops.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -153,6 +154,10 @@ static void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c1
         for (int i = 0; i < 16; ++i) {
           const int64_t t = t0 + std::min(i, n - 1);
           kp[i] = kbase + (tab[t / BS] * BS + t % BS) * row;
+          // blocks are scattered, so the hardware prefetcher cannot guess the next tile: ask for it
+          const int64_t tn = std::min(t + 16, L - 1);
+          const char* next = reinterpret_cast<const char*>(kbase + (tab[tn / BS] * BS + tn % BS) * row);
+          for (int c = 0; c < D * 2; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
         }
         for (int g = 0; g < G; ++g) {
           __m512 acc[16];
@@ -190,6 +195,9 @@ static void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c1
       const uint16_t* vbase = reinterpret_cast<const uint16_t*>(v) + kh * D;
       for (int64_t t = 0; t < L; ++t) {
         const uint16_t* vp = vbase + (tab[t / BS] * BS + t % BS) * row;
+        const int64_t tn = std::min(t + 16, L - 1);
+        const char* vnext = reinterpret_cast<const char*>(vbase + (tab[tn / BS] * BS + tn % BS) * row);
+        for (int c = 0; c < D * 2; c += 64) _mm_prefetch(vnext + c, _MM_HINT_T0);
         __m512 vf[NV];
         for (int j = 0; j < NV; ++j) vf[j] = bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + j * 16)));
         for (int g = 0; g < G; ++g) {
@@ -267,4 +275,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "out = rmsnorm(x + residual) * w; residual <- x + residual in place");
+  m.def("silu_and_mul", &silu_and_mul, "[rows, 2I] -> silu(gate) * up");
+  m.def("rotary_", &rotary_, "rotate q and k in place (NeoX layout) at positions");
 }

@@ -1,8 +1,12 @@
-"""Normalization layers. Owns: RMSNorm (computed in fp32, as HF does) with an optional fused residual add."""
+"""Normalization layers. Owns: RMSNorm (computed in fp32, as HF does) with an optional fused
+residual add; the arithmetic is the kernel backend's (`rms_norm`: torch ops, or one fused pass on CPU).
+Must not: branch on device type."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from tidal.kernels import get_backend
 
 
 class RMSNorm(nn.Module):
@@ -12,12 +16,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Returns norm(x) or, with a residual, (norm(x + residual), x + residual)."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        """Returns norm(x) or, with a residual, (norm(x + residual), x + residual). The backend may
+        update `residual` in place (callers hand over a residual they own)."""
+        return get_backend(x.device).rms_norm(x, residual, self.weight, self.eps)

@@ -1,0 +1,55 @@
+"""The CPU backend's fused elementwise ops (kernels/cpu/fused_ops.cpp) equal the torch reference
+ops: in bf16 within one rounding step (they round where the reference rounds, but their fp32
+reductions and exp are not torch's, so a value on a rounding tie can land on the other side);
+within 1e-5 relative in fp32."""
+import pytest
+import torch
+
+from tidal.kernels import cpu, get_backend, torch_ops
+
+
+@pytest.fixture(scope="module")
+def backend():
+    assert cpu.load() is not None, "the CPU kernel failed to build (see stderr)"
+    return get_backend("cpu")
+
+
+def _close(a, b, dtype):
+    a, b = a.float(), b.float()
+    if dtype == torch.bfloat16:  # one bf16 ulp, and nearly every element exact
+        assert ((a - b).abs() <= b.abs() * 2 ** -7 + 1e-30).all()
+        assert (a != b).float().mean().item() < 0.01
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rms_norm(backend, dtype, rows):
+    torch.manual_seed(rows)
+    x, res, w = torch.randn(rows, 96).to(dtype), torch.randn(rows, 96).to(dtype), (1 + torch.randn(96) * 0.1).to(dtype)
+    _close(backend.rms_norm(x, None, w, 1e-6), torch_ops.rms_norm(x, None, w, 1e-6), dtype)
+    ref_out, ref_res = torch_ops.rms_norm(x, res.clone(), w, 1e-6)
+    out, new_res = backend.rms_norm(x, res, w, 1e-6)
+    _close(out, ref_out, dtype)
+    _close(new_res, ref_res, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(backend, dtype):
+    gu = (torch.randn(33, 2 * 40) * torch.tensor([1.0, 30.0, 200.0]).repeat_interleave(11)[:, None]).to(dtype)
+    _close(backend.silu_and_mul(gu), torch_ops.silu_and_mul(gu), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_on_fused_qkv_views(backend, dtype):
+    torch.manual_seed(0)
+    T, h, kvh, d = 11, 6, 2, 16
+    qkv = torch.randn(T, (h + 2 * kvh) * d).to(dtype)
+    q, k, _ = qkv.split([h * d, kvh * d, kvh * d], dim=-1)      # strided views, as in the model
+    cos, sin = torch.randn(64, d // 2), torch.randn(64, d // 2)
+    pos = torch.randint(0, 64, (T,))
+    ref_q, ref_k = torch_ops.rotary(q.view(T, h, d), k.view(T, kvh, d), cos, sin, pos)
+    out_q, out_k = backend.rotary(q.view(T, h, d), k.view(T, kvh, d), cos, sin, pos)
+    _close(out_q, ref_q, dtype)
+    _close(out_k, ref_k, dtype)
