@@ -13,6 +13,8 @@ Must not: pick the policy (plan/ and engine/offload_runner.py do), run layers, o
 """
 from __future__ import annotations
 
+import ctypes
+
 import re
 import warnings
 import weakref
@@ -173,6 +175,12 @@ def copy_serial(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) on the calling thread only. A prefetch thread's copy must not start an
     OpenMP team of its own: it would fight the compute threads for the cores (measured on 2 cores:
     a prefetched step became slower than loading without overlap)."""
+    if (dst.dtype == src.dtype and dst.device.type == "cpu" and src.device.type == "cpu"
+            and dst.is_contiguous() and src.is_contiguous() and dst.numel() == src.numel()):
+        # one memcpy with the GIL released (ctypes drops it): the compute thread keeps running Python
+        # between its ops, where a loop of small torch copies took the GIL ~1,000 times a layer
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), dst.numel() * dst.element_size())
+        return
     d, s = dst.view(-1), src.reshape(-1)
     for a in range(0, d.numel(), _SERIAL_ELEMS):
         d[a:a + _SERIAL_ELEMS].copy_(s[a:a + _SERIAL_ELEMS])
