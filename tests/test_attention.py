@@ -120,3 +120,21 @@ def test_cpu_kernel_bf16_fast_path(head_dim, group, block_size):
         v = v_cache.view(-1, kvh, head_dim)[slots].float()
         ref = dense_reference(q[i:i + 1].float(), k, v, head_dim ** -0.5)
         assert (out[i:i + 1].float() - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("ctx,new", [(0, 300), (150, 200), (0, 129)])
+def test_long_prefill_in_causal_blocks_equals_dense(ctx, new):
+    """Queries longer than one causal block (torch_ops._CAUSAL_BLOCK rows) attend block by block."""
+    from tidal.kernels import torch_ops
+    assert new > torch_ops._CAUSAL_BLOCK
+    torch.manual_seed(new)
+    h, kvh, d, bs = 6, 2, 16, 16
+    total = ctx + new
+    nblocks = (total + bs - 1) // bs
+    k_cache, v_cache = torch.zeros(nblocks + 2, bs, kvh, d), torch.zeros(nblocks + 2, bs, kvh, d)
+    table = torch.randperm(nblocks + 2)[:nblocks]
+    k, v, q = torch.randn(total, kvh, d), torch.randn(total, kvh, d), torch.randn(new, h, d)
+    slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in range(total)])
+    write_kv(k, v, k_cache, v_cache, slots)
+    out = torch_ops.prefill_attention(q, k_cache, v_cache, table, total, d ** -0.5)
+    assert (out - dense_reference(q, k, v, d ** -0.5)).abs().max().item() < 1e-4

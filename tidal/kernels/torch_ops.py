@@ -86,24 +86,43 @@ def _host_offsets(query_lens: list[int]) -> list[int]:
 _MATMUL_ATTENTION_MAX_SCORES = 64 << 20  # above this many scores, SDPA's tiled kernel saves the memory
 
 
+_CAUSAL_BLOCK = 64  # query rows per block; a block's scores stop at its last row's position
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                       seq_len: int, scale: float) -> torch.Tensor:
     """One sequence's new tokens q [L, heads, d] attend causally to its first seq_len cached tokens.
 
     Two matmuls with the query heads grouped by KV head (no repeated K/V): on CPU this measured
     1.2-1.9x faster than SDPA for prompt-sized shapes. Scores are computed and normalized in fp32.
+    Long queries go in blocks of rows, each against the keys up to its last row only, so the part
+    of the score matrix that causality masks is mostly never computed (a 512-token prompt: 56% of
+    the full matrix instead of 100%).
     """
-    q_len, num_heads, d = q.shape
-    kvh = k_cache.shape[2]
-    group = num_heads // kvh
+    q_len = q.shape[0]
     k = gather_kv(k_cache, block_table, seq_len, q.dtype).transpose(0, 1)   # [kvh, S, d]
     v = gather_kv(v_cache, block_table, seq_len, q.dtype).to(q.dtype).transpose(0, 1)
-    causal = q_len > 1
+    if q_len <= _CAUSAL_BLOCK:
+        return _prefill_block(q, k, v, seq_len, scale)
+    kf = k.float()
+    outs = []
+    for a in range(0, q_len, _CAUSAL_BLOCK):
+        b = min(a + _CAUSAL_BLOCK, q_len)
+        keys = seq_len - q_len + b
+        outs.append(_prefill_block(q[a:b], kf[:, :keys], v[:, :keys], keys, scale))
+    return torch.cat(outs)
+
+
+def _prefill_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """q [L, heads, d] are the last L of seq_len positions; k, v [kvh, seq_len, d]."""
+    q_len, num_heads, d = q.shape
+    kvh = k.shape[0]
+    group = num_heads // kvh
     if num_heads * q_len * seq_len > _MATMUL_ATTENTION_MAX_SCORES:
         return _sdpa_prefill(q, k.to(q.dtype), v, seq_len, scale)
     qg = q.transpose(0, 1).reshape(kvh, group * q_len, d)           # heads of one KV head side by side
     scores = torch.matmul(qg.float(), k.float().transpose(1, 2)).mul_(scale).view(num_heads, q_len, seq_len)
-    if causal:  # query i sits at position seq_len - q_len + i
+    if q_len > 1:  # query i sits at position seq_len - q_len + i
         qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         scores.masked_fill_(torch.arange(seq_len, device=q.device)[None, :] > qpos, float("-inf"))
     probs = scores.softmax(-1).to(v.dtype).view(kvh, group * q_len, seq_len)
