@@ -121,10 +121,10 @@ def _prefill_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: i
     if num_heads * q_len * seq_len > _MATMUL_ATTENTION_MAX_SCORES:
         return _sdpa_prefill(q, k.to(q.dtype), v, seq_len, scale)
     qg = q.transpose(0, 1).reshape(kvh, group * q_len, d)           # heads of one KV head side by side
-    scores = torch.matmul(qg.float(), k.float().transpose(1, 2)).mul_(scale).view(num_heads, q_len, seq_len)
-    if q_len > 1:  # query i sits at position seq_len - q_len + i
-        qpos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        scores.masked_fill_(torch.arange(seq_len, device=q.device)[None, :] > qpos, float("-inf"))
+    scores = torch.matmul(qg.float() * scale, k.float().transpose(1, 2)).view(num_heads, q_len, seq_len)
+    if q_len > 1:  # query i sits at position seq_len - q_len + i: only the last q_len keys can be in its future
+        tail = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).triu_(1)
+        scores[..., seq_len - q_len:].masked_fill_(tail, float("-inf"))
     probs = scores.softmax(-1).to(v.dtype).view(kvh, group * q_len, seq_len)
     return torch.matmul(probs, v).view(num_heads, q_len, d).transpose(0, 1)
 
