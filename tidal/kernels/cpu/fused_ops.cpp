@@ -1,5 +1,5 @@
-// Fused elementwise ops for the CPU backend: one pass instead of torch's 5-8 for RMSNorm (with
-// the residual add), SiLU-and-multiply, and rotary embedding. Rounding follows the torch
+// Fused elementwise ops for the CPU backend: one pass instead of torch's 5-9 for SiLU-and-multiply
+// and rotary embedding. (RMSNorm stays torch's: see kernels/__init__.py.) Rounding follows the torch
 // reference op by op for bf16/fp16 (each intermediate the reference rounds, this rounds too), so
 // results match the reference bit for bit or within one ulp.
 #include <torch/extension.h>
@@ -10,41 +10,6 @@
 #include "fused_ops.h"
 
 template <typename T> static inline float rnd(float x) { return static_cast<float>(static_cast<T>(x)); }
-
-template <typename T>
-static void add_rms_norm_impl(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t H, float eps) {
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      T* xr = x + r * H;
-      T* rr = residual ? residual + r * H : nullptr;
-      float ss = 0.f;
-      for (int64_t i = 0; i < H; ++i) {
-        float v = static_cast<float>(xr[i]);
-        if (rr) { v = rnd<T>(v + static_cast<float>(rr[i])); rr[i] = static_cast<T>(v); }
-        ss += v * v;
-      }
-      const float inv = 1.f / std::sqrt(ss / H + eps);
-      T* o = out + r * H;
-      const T* src = rr ? rr : xr;
-      for (int64_t i = 0; i < H; ++i)
-        o[i] = static_cast<T>(static_cast<float>(w[i]) * rnd<T>(static_cast<float>(src[i]) * inv));
-    }
-  });
-}
-
-// out = norm(x + residual) * w, residual <- x + residual (in place); residual may be undefined
-torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous());
-  const int64_t H = x.size(-1), rows = x.numel() / H;
-  auto out = torch::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
-    scalar_t* r = nullptr;
-    if (residual.has_value()) { TORCH_CHECK(residual->is_contiguous()); r = residual->data_ptr<scalar_t>(); }
-    add_rms_norm_impl<scalar_t>(x.data_ptr<scalar_t>(), r, w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, H,
-                                static_cast<float>(eps));
-  });
-  return out;
-}
 
 // silu(a) = a / (1 + e^-a) on n floats: a plain loop over fp32 buffers, so the compiler vectorizes
 // the exp (-ffast-math, -march=native); clamped because -ffast-math assumes exp never reaches inf

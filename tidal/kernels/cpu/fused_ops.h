@@ -2,6 +2,5 @@
 #pragma once
 #include <torch/extension.h>
 
-torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor w, double eps);
 torch::Tensor silu_and_mul(torch::Tensor gu);
 void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions);

@@ -275,7 +275,6 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
-  m.def("add_rms_norm", &add_rms_norm, "out = rmsnorm(x + residual) * w; residual <- x + residual in place");
   m.def("silu_and_mul", &silu_and_mul, "[rows, 2I] -> silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate q and k in place (NeoX layout) at positions");
 }
