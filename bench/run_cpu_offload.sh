@@ -33,18 +33,11 @@ HOST_MEM=${HOST_MEM:-1.5GiB}
 HF_HOST_MEM=${HF_HOST_MEM:-$HOST_MEM}
 HF_BATCH_SIZE=${HF_BATCH_SIZE:-$NUM_PROMPTS}
 TIDAL_ARGS=${TIDAL_ARGS:-}
-SKIP=" ${SKIP:-} "
 mkdir -p "$OUT"
 python bench/make_dummy_llama.py "$MODEL_DIR" --size "$SIZE" --dtype "$DTYPE"
 
 workload=(--num-prompts "$NUM_PROMPTS" --input-len "$INPUT_LEN-$INPUT_LEN" --output-len "$OUTPUT_LEN-$OUTPUT_LEN" --no-tqdm)
-records=()
-run() {  # name, command...
-  local name=$1; shift
-  if [[ $SKIP == *" $name "* ]]; then return; fi
-  echo "=== $name: $*" >&2
-  if "$@" --json "$OUT/$name.json"; then records+=("$OUT/$name.json"); else echo "=== $name failed" >&2; fi
-}
+source bench/run_lib.sh
 # --max-model-len / --max-num-seqs: a KV pool sized for this workload, not the model's 2048 context
 # shellcheck disable=SC2086  # TIDAL_ARGS is meant to split into flags
 run tidal tidal bench throughput --model "$MODEL_DIR" --device cpu --dtype "$DTYPE" "${workload[@]}" \

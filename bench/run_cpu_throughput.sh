@@ -8,15 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 HF_BATCH_SIZES=${HF_BATCH_SIZES:-8,16,32,64}
-SKIP=" ${SKIP:-} "
 mkdir -p "$OUT"
-records=()
-run() {  # name, command...
-  local name=$1; shift
-  if [[ $SKIP == *" $name "* ]]; then return; fi
-  echo "=== $name: $*" >&2
-  if "$@" --json "$OUT/$name.json"; then records+=("$OUT/$name.json"); else echo "=== $name failed" >&2; fi
-}
+source bench/run_lib.sh
 run tidal-bf16 tidal bench throughput --device cpu --dtype bfloat16 "$@"
 run tidal-fp32 tidal bench throughput --device cpu --dtype float32 "$@"
 run hf-fp32 python bench/peers/hf_throughput.py --dtype float32 --batch-size "$HF_BATCH_SIZES" "$@"

@@ -3,7 +3,7 @@
 Owns: loading an HF safetensors directory with `device_map="auto", max_memory={"cpu": --host-mem},
 offload_folder=--offload-dir` (CPU only: what does not fit goes to "disk"), summarising where
 accelerate put each module, and writing the same JSON record as `tidal bench throughput`.
-Must not: import tidal's engine; batching and counting are hf_throughput.py's `run_batches`
+Must not: import tidal's engine; batching and counting are hf_throughput.py's `sweep_batch_sizes`
 (static batches sorted by length, left padding, min_new_tokens = max_new_tokens, greedy).
 
 Where the weights live: modules mapped to "disk" stay on the meta device, and accelerate's
@@ -23,8 +23,8 @@ from collections import Counter
 
 import torch
 
-from hf_throughput import run_batches
-from tidal.bench import add_workload_args, format_table, make_record, make_results, workload_from_args, write_record
+from hf_throughput import sweep_batch_sizes
+from tidal.bench import add_workload_args, format_table, make_record, workload_from_args, write_record
 from tidal.config import parse_size
 from tidal.weights.loader import resolve_model_path
 
@@ -75,23 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"hf_offload: --host-mem {args.host_mem} puts every module on disk, which generate() cannot run; "
                  "give at least the embeddings' size")
     wl = workload_from_args(args, model.config.vocab_size)
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    run_batches(model, [list(range(100, 116))], [4], 1, pad_id, progress=False)  # warmup
-    sweep = []
-    for bs in [int(b) for b in args.batch_size.split(",")]:
-        elapsed, cpu, generated = run_batches(model, wl.prompts, wl.output_lens, bs, pad_id, not args.no_tqdm)
-        sweep.append({"batch_size": bs, **make_results(wl, elapsed, load_s, cpu_s=round(cpu, 2),
-                                                       generated_tokens_incl_waste=generated)})
-        print(f"batch {bs}: {sweep[-1]['output_tokens_per_s']} output tok/s", file=sys.stderr)
-    best = max(sweep, key=lambda r: r["output_tokens_per_s"])
-    results = {k: v for k, v in best.items() if k != "batch_size"}
-    results["sweep"] = [{k: r[k] for k in ("batch_size", "elapsed_s", "output_tokens_per_s")} for r in sweep]
+    results, best_bs = sweep_batch_sizes(model, wl, args.batch_size, load_s, not args.no_tqdm)
     engine = {"name": "hf-accelerate-disk-offload", "model": args.model, "model_path": path, "dtype": args.dtype,
-              "device": "cpu", "batch_size": best["batch_size"],
+              "device": "cpu", "batch_size": best_bs,
               "args": {"host_mem": args.host_mem, "max_memory": {"cpu": host_mem}, "offload_folder": args.offload_dir,
                        "device_map": placement, "batching": "static, sorted by output length, left padding",
                        "min_new_tokens": "= max_new_tokens", "do_sample": False,
-                       "batch_sizes_tried": [r["batch_size"] for r in sweep]}}
+                       "batch_sizes_tried": [r["batch_size"] for r in results["sweep"]]}}
     import accelerate
     record = make_record(wl, engine, results, extra_versions={"accelerate": accelerate.__version__})
     print(format_table([record]))

@@ -68,6 +68,24 @@ def run_batches(model, prompts: list[list[int]], out_lens: list[int], batch_size
     return elapsed, cpu, generated
 
 
+def sweep_batch_sizes(model, wl, batch_sizes: str, load_s: float, progress: bool) -> tuple[dict, int]:
+    """Warm up, run the workload at each batch size in the comma list, and return (the best run's
+    results with a "sweep" list of every size, the best batch size)."""
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    run_batches(model, [list(range(100, 116))], [4], 1, pad_id, progress=False)  # warmup
+    sweep = []
+    for bs in [int(b) for b in batch_sizes.split(",")]:
+        elapsed, cpu, generated = run_batches(model, wl.prompts, wl.output_lens, bs, pad_id, progress)
+        sweep.append({"batch_size": bs, **make_results(wl, elapsed, load_s, cpu_s=round(cpu, 2),
+                                                       generated_tokens_incl_waste=generated)})
+        print(f"batch {bs}: {sweep[-1]['output_tokens_per_s']} output tok/s", file=sys.stderr)
+    best = max(sweep, key=lambda r: r["output_tokens_per_s"])
+    results = {k: v for k, v in best.items() if k != "batch_size"}
+    results["sweep"] = [{k: r[k] for k in ("batch_size", "elapsed_s", "output_tokens_per_s", "total_tokens_per_s")}
+                        for r in sweep]
+    return results, best["batch_size"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_args(p)
@@ -87,22 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     load_s = time.perf_counter() - t0
     tokenizer = open_checkpoint(args.model, require_weights=False).load_tokenizer() if args.dataset else None
     wl = workload_from_args(args, model.config.vocab_size, tokenizer)
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    run_batches(model, [list(range(100, 116))], [4], 1, pad_id, progress=False)  # warmup
-    sweep = []
-    for bs in [int(b) for b in args.batch_size.split(",")]:
-        elapsed, cpu, generated = run_batches(model, wl.prompts, wl.output_lens, bs, pad_id, not args.no_tqdm)
-        sweep.append({"batch_size": bs, **make_results(wl, elapsed, load_s, cpu_s=round(cpu, 2),
-                                                       generated_tokens_incl_waste=generated)})
-        print(f"batch {bs}: {sweep[-1]['output_tokens_per_s']} output tok/s", file=sys.stderr)
-    best = max(sweep, key=lambda r: r["output_tokens_per_s"])
-    results = {k: v for k, v in best.items() if k != "batch_size"}
-    results["sweep"] = [{k: r[k] for k in ("batch_size", "elapsed_s", "output_tokens_per_s", "total_tokens_per_s")}
-                        for r in sweep]
+    results, best_bs = sweep_batch_sizes(model, wl, args.batch_size, load_s, not args.no_tqdm)
     engine = {"name": "hf-transformers", "model": args.model, "model_path": path, "dtype": args.dtype,
-              "device": args.device, "load_format": args.load_format, "batch_size": best["batch_size"],
+              "device": args.device, "load_format": args.load_format, "batch_size": best_bs,
               "args": {"batching": "static, sorted by output length, left padding", "min_new_tokens": "= max_new_tokens",
-                       "do_sample": False, "batch_sizes_tried": [r["batch_size"] for r in sweep]}}
+                       "do_sample": False, "batch_sizes_tried": [r["batch_size"] for r in results["sweep"]]}}
     record = make_record(wl, engine, results)
     print(format_table([record]))
     write_record(record, args.json_path)

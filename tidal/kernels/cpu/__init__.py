@@ -46,7 +46,7 @@ def load():
             # fused_ops.cpp: RMSNorm+residual, SiLU-and-mul, rotary in one pass each (bound in paged_decode.cpp)
             src = [os.path.join(here, f) for f in ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp")]
             flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-            name = _build_name(src + [os.path.join(here, "fused_ops.h")], flags)
+            name = _build_name(src + [os.path.join(here, "fused_ops.h"), os.path.join(here, "cpu_common.h")], flags)
             _clear_stale_lock(name)
             _ext = load_ext(name=name, sources=src, extra_cflags=flags,
                             extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("TIDAL_VERBOSE")))

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#include "cpu_common.h"
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define TIDAL_KV_AVX512 1
@@ -55,17 +56,6 @@ inline void dequant_row(const Cache& c, int64_t r, float* __restrict out, int64_
   }
 }
 
-inline void softmax_rows(float* s, int64_t G, int64_t L) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = s + g * L;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < L; ++t) mx = std::max(mx, sg[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < L; ++t) { sg[t] = std::exp(sg[t] - mx); sum += sg[t]; }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
-  }
-}
 
 // One (sequence, kv head): qs [G, D] pre-scaled queries, rows [L] cache row of each token -> out [G, D].
 template <int BITS>
