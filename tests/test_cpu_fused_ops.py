@@ -41,3 +41,21 @@ def test_rotary_in_place_on_fused_qkv_views(backend, dtype):
     out_q, out_k = backend.rotary(q.view(T, h, d), k.view(T, kvh, d), cos, sin, pos)
     _close(out_q, ref_q, dtype)
     _close(out_k, ref_k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [576, 2048, 4096, 100, 7, 1000])
+def test_rms_norm_is_bit_identical_to_torch(backend, dtype, hidden):
+    """Not within a tolerance: equal. In bf16 a one-ulp difference can flip a near-tie greedy token
+    (kernels/cpu/rms_norm.cpp follows ATen's summation order to avoid exactly that)."""
+    torch.manual_seed(hidden)
+    rows = 37
+    scale = torch.rand(rows, 1) * 8 + 0.01
+    x = (torch.randn(rows, hidden) * scale).to(dtype)
+    res = (torch.randn(rows, hidden) * scale).to(dtype)
+    w = (torch.rand(hidden) * 2).to(dtype)
+    assert torch.equal(backend.rms_norm(x, None, w, 1e-5), torch_ops.rms_norm(x, None, w, 1e-5))
+    res_ref = res.clone()
+    out, new_res = backend.rms_norm(x, res, w, 1e-6)
+    ref, ref_res = torch_ops.rms_norm(x, res_ref, w, 1e-6)
+    assert torch.equal(out, ref) and torch.equal(new_res, ref_res) and torch.equal(res, ref_res)

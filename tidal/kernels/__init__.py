@@ -83,12 +83,16 @@ class CpuBackend(TorchBackend):
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
-    # one pass each instead of torch's 5-9 ops (kernels/cpu/fused_ops.cpp): several ms of a decode step
-    # RMSNorm stays torch's (torch_ops.rms_norm): a fused one-pass norm (fused_ops.cpp add_rms_norm)
-    # saves ~1 ms a decode step, but its fp32 sum of squares is not ATen's, and the bf16 rounding
-    # differences it makes flipped a near-tie greedy token of the README's chat example
-    # ("The" 25.5 vs "L" 25.375): matching transformers' arithmetic there is worth the millisecond.
-    rms_norm = staticmethod(torch_ops.rms_norm)
+    # one pass each instead of torch's 5-9 ops (kernels/cpu/fused_ops.cpp, rms_norm.cpp): several ms
+    # of a decode step. The norm is bit-identical to torch_ops.rms_norm (ATen's summation order).
+    def rms_norm(self, x, residual, weight, eps):
+        ext = self._cpu.ready()
+        if ext is None or not x.is_contiguous() or weight.dtype != x.dtype or not weight.is_contiguous() \
+                or (residual is not None and not residual.is_contiguous()):
+            return torch_ops.rms_norm(x, residual, weight, eps)
+        if residual is None:
+            return ext.add_rms_norm(x, None, weight, eps)
+        return ext.add_rms_norm(x, residual, weight, eps), residual
 
     def rotary(self, q, k, cos, sin, positions):
         ext = self._cpu.ready()
@@ -110,7 +114,7 @@ class CpuBackend(TorchBackend):
 
     def paged_attention(self, q, k_cache, v_cache, meta, scale):
         ext = self._cpu.ready()
-        decode = None
+        decode = prefill = None
         if isinstance(k_cache, QuantKVCache):
             if ext is not None and k_cache.scale.dtype == torch.float16:
                 kernel, bits, group = torch.ops.tidal_kv.paged_decode_quant, k_cache.bits, k_cache.group_size
@@ -121,7 +125,10 @@ class CpuBackend(TorchBackend):
         elif ext is not None:
             def decode(q_dec, block_tables, seq_lens, max_seq_len):
                 return ext.paged_decode_attention(q_dec, k_cache, v_cache, block_tables, seq_lens, scale)
-        return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale, decode=decode)
+
+            def prefill(q_seq, block_table, seq_len):  # None where the kernel does not apply
+                return ext.prefill_attention_bf16(q_seq, k_cache, v_cache, block_table, seq_len, scale)
+        return torch_ops.paged_attention(q, k_cache, v_cache, meta, scale, decode=decode, prefill=prefill)
 
 
 _BACKENDS: dict[str, object] = {}

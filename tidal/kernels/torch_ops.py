@@ -42,13 +42,14 @@ def gather_kv(cache, block_table: torch.Tensor, length: int, dtype: torch.dtype 
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, decode=None) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, decode=None, prefill=None) -> torch.Tensor:
     """q: [T, heads, head_dim] -> [T, heads, head_dim], causal over each sequence's cached context.
 
     Decode rows (one new token) run together in one batch: `decode(q, block_tables, seq_lens,
     max_seq_len)` when a backend has a kernel for it, else one padded, masked torch batch (on CPU a
     per-sequence loop costs more in dispatch than the math). Prefill rows run one sequence at a
-    time over exactly their own context.
+    time over exactly their own context: `prefill(q, block_table, seq_len)` when a backend has a
+    kernel (it returns None for a case it does not handle), else `prefill_attention` below.
     """
     if decode is None:
         def decode(q_dec, block_tables, seq_lens, max_seq_len):
@@ -71,8 +72,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if i in dec_rows:
             continue
         start = starts[i]
-        out[start:start + q_len] = prefill_attention(q[start:start + q_len], k_cache, v_cache,
-                                                     meta.block_tables[i], seq_len, scale)
+        q_seq = q[start:start + q_len]
+        res = prefill(q_seq, meta.block_tables[i], seq_len) if prefill is not None else None
+        if res is None:
+            res = prefill_attention(q_seq, k_cache, v_cache, meta.block_tables[i], seq_len, scale)
+        out[start:start + q_len] = res
     return out
 
 

@@ -43,10 +43,12 @@ def load():
             from torch.utils.cpp_extension import load as load_ext
             here = os.path.dirname(__file__)
             # paged_decode_quant.cpp registers torch.ops.tidal_kv.paged_decode_quant (quantized KV caches)
-            # fused_ops.cpp: RMSNorm+residual, SiLU-and-mul, rotary in one pass each (bound in paged_decode.cpp)
-            src = [os.path.join(here, f) for f in ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp")]
+            # fused_ops.cpp: SiLU-and-mul, rotary; rms_norm.cpp: RMSNorm+residual (all bound in paged_decode.cpp)
+            src = [os.path.join(here, f) for f in ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp",
+                                                  "rms_norm.cpp", "prefill_bf16.cpp")]
             flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-            name = _build_name(src + [os.path.join(here, "fused_ops.h"), os.path.join(here, "cpu_common.h")], flags)
+            name = _build_name(src + [os.path.join(here, "fused_ops.h"), os.path.join(here, "cpu_common.h"),
+                                 os.path.join(here, "avx512_common.h")], flags)
             _clear_stale_lock(name)
             _ext = load_ext(name=name, sources=src, extra_cflags=flags,
                             extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("TIDAL_VERBOSE")))

@@ -1,5 +1,5 @@
 // Fused elementwise ops for the CPU backend: one pass instead of torch's 5-9 for SiLU-and-multiply
-// and rotary embedding. (RMSNorm stays torch's: see kernels/__init__.py.) Rounding follows the torch
+// and rotary embedding. (RMSNorm, bit-exact, is in rms_norm.cpp.) Rounding follows the torch
 // reference op by op for bf16/fp16 (each intermediate the reference rounds, this rounds too), so
 // results match the reference bit for bit or within one ulp.
 #include <torch/extension.h>

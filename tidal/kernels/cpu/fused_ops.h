@@ -1,6 +1,9 @@
-// Fused elementwise CPU ops (fused_ops.cpp), bound to Python in paged_decode.cpp's module.
+// CPU ops defined in fused_ops.cpp, rms_norm.cpp and prefill_bf16.cpp, bound to Python in paged_decode.cpp.
 #pragma once
 #include <torch/extension.h>
 
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor w, double eps);
 torch::Tensor silu_and_mul(torch::Tensor gu);
 void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions);
+torch::Tensor prefill_attention_bf16(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_table, int64_t seq_len, double scale);

@@ -7,16 +7,13 @@
 // accumulated in registers; 3.4x faster than the generic loop at batch 64 (one thread, measured).
 #include <torch/extension.h>
 #include "cpu_common.h"
+#include "avx512_common.h"
 #include "fused_ops.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#define TIDAL_AVX512_BF16 1
-#endif
 
 // Widen D cache elements to fp32. bf16 is a plain 16-bit shift written so it vectorizes.
 template <int D>
@@ -87,22 +84,6 @@ static void decode_impl(const float* q, const T* k, const T* v, const int64_t* t
 }
 
 #ifdef TIDAL_AVX512_BF16
-// exp for 16 floats: range reduction to 2^n * e^r, |r| <= ln2/2, degree-6 polynomial (rel. err ~1e-7)
-static inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // v[0..15] -> one vector whose lane i is the sum of v[i]'s 16 lanes
 static inline __m512 reduce16(const __m512* v) {
   __m512 w[8], x[4], z[2];
@@ -117,9 +98,6 @@ static inline __m512 reduce16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
 
-static inline __m512 bf16_to_f32(__m256i x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
-}
 
 // D head dim (multiple of 32), G query heads per KV head
 template <int D, int G>
@@ -162,25 +140,7 @@ static void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c1
           _mm512_storeu_ps(scores.data() + g * Lp + t0, _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
         }
       }
-      // softmax per query head (padding lanes past L are masked)
-      for (int g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * Lp;
-        __m512 m = _mm512_set1_ps(-INFINITY);
-        for (int64_t t = 0; t < L; t += 16) {
-          __mmask16 mk = (L - t) >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
-          m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), mk, sg + t));
-        }
-        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < L; t += 16) {
-          __mmask16 mk = (L - t) >= 16 ? 0xFFFF : (__mmask16)((1u << (L - t)) - 1);
-          __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mx)));
-          _mm512_storeu_ps(sg + t, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-        for (int64_t t = 0; t < L; t += 16) _mm512_storeu_ps(sg + t, _mm512_mul_ps(_mm512_loadu_ps(sg + t), inv));
-      }
+      softmax_rows16(scores.data(), G, L, Lp);  // per query head; padding lanes past L untouched
       // out = probs @ V, fp32 accumulators in registers
       __m512 acc[G][NV];
       for (int g = 0; g < G; ++g)
@@ -268,6 +228,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "out = rmsnorm(x + residual) * w, residual <- x + residual in place (rms_norm.cpp)");
+  m.def("prefill_attention_bf16", &prefill_attention_bf16,
+        "one sequence's causal prefill over a bf16 paged cache, or None where unsupported (prefill_bf16.cpp)");
   m.def("silu_and_mul", &silu_and_mul, "[rows, 2I] -> silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate q and k in place (NeoX layout) at positions");
 }

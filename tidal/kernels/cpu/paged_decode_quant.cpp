@@ -18,10 +18,7 @@
 #include <cmath>
 #include <vector>
 #include "cpu_common.h"
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
-#include <immintrin.h>
-#define TIDAL_KV_AVX512 1
-#endif
+#include "avx512_common.h"
 
 namespace {
 
@@ -83,7 +80,7 @@ void attend_generic(const Cache& k, const Cache& v, const float* qs, const int64
   }
 }
 
-#ifdef TIDAL_KV_AVX512
+#ifdef TIDAL_AVX512
 // 16 values (chunk c of row r), dequantized. Needs GS % 16 == 0 (int8) or GS % 32 == 0 (int4).
 template <int BITS>
 inline __m512 load16(const Cache& k, int64_t r, int64_t c, int64_t GS) {
@@ -99,36 +96,6 @@ inline __m512 load16(const Cache& k, int64_t r, int64_t c, int64_t GS) {
   }
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(static_cast<float>(k.scale[r * k.ng + j])),
                          _mm512_set1_ps(static_cast<float>(k.min[r * k.ng + j])));
-}
-
-// e^x for 16 floats: x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial in r, times 2^n
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
-// softmax of G rows of L scores, `stride` apart
-inline void softmax_rows16(float* s, int64_t G, int64_t L, int64_t stride) {
-  auto mask = [L](int64_t t) { return L - t >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (L - t)) - 1); };
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = s + g * stride;
-    __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < L; t += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, mask(t), sg + t));
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-    for (int64_t t = 0; t < L; t += 16) {
-      const __m512 e = _mm512_maskz_mov_ps(mask(t), exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(t), sg + t), mx)));
-      _mm512_mask_storeu_ps(sg + t, mask(t), e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-    for (int64_t t = 0; t < L; t += 16)
-      _mm512_mask_storeu_ps(sg + t, mask(t), _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(t), sg + t), inv));
-  }
 }
 
 // [sum of a's lanes, b's, c's, d's]
@@ -214,7 +181,7 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
   const float *qp = qf.data_ptr<float>(), sc = static_cast<float>(scale);
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-#ifdef TIDAL_KV_AVX512
+#ifdef TIDAL_AVX512
   decltype(&by_heads<8, 64>) fast = nullptr;
   if (GS % (bits == 8 ? 16 : 32) == 0 && (D == 64 || D == 128) && G >= 1 && G <= 8)
     fast = bits == 8 ? (D == 64 ? by_heads<8, 64> : by_heads<8, 128>) : (D == 64 ? by_heads<4, 64> : by_heads<4, 128>);
@@ -230,7 +197,7 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
       for (int64_t t = 0; t < L; ++t) rows[t] = (tp[b * MB + t / BS] * BS + t % BS) * KVH + kh;
       scores.resize(G * L);
       float* ob = op + (b * H + kh * G) * D;
-#ifdef TIDAL_KV_AVX512
+#ifdef TIDAL_AVX512
       if (fast) {
         fast(G, kc, vc, qs.data(), rows.data(), L, GS, scores, ob);
         continue;
