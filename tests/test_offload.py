@@ -102,13 +102,19 @@ def test_each_layer_loaded_once_per_step(llama_dir, resident):
 
 
 def test_host_mem_limit_streams_from_disk(llama_dir, resident):
-    llm = _llm(llama_dir, host_mem="1MB", kv_mem="400KB", num_kv_blocks=None)
-    policy = llm.engine.runner.policy
+    """--policy auto under a RAM budget: the planner (tidal/plan, with the fake profile conftest.py
+    installs) streams some layers from the safetensors files mapped in place, the rest resident."""
+    budget = dict(host_mem="1MB", prompt_len=32, gen_len=8, num_kv_blocks=None)
+    llm = _llm(llama_dir, **budget)
+    runner = llm.engine.runner
+    policy = runner.policy
+    assert runner.plan is not None and runner.plan.memory["device"] <= 1e6
     assert 0 < policy.weights[2] < 100 and policy.weights[1] == 0
-    assert "disk" in llm.engine.runner.placement.tiers and "device" in llm.engine.runner.placement.tiers
+    assert "disk" in runner.placement.tiers and "device" in runner.placement.tiers
+    assert llm.engine.scheduler.max_num_seqs == policy.effective_batch
     assert _run(llm) == resident
     with pytest.raises(TidalError, match="--host-mem"):
-        _llm(llama_dir, host_mem="600KB", kv_mem="400KB", num_kv_blocks=None)
+        _llm(llama_dir, **{**budget, "host_mem": "150KB"})
 
 
 def test_quantized_offload_dir_written_once_and_reused(llama_dir, tmp_path):

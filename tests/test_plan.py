@@ -18,29 +18,8 @@ from tidal.plan.model_spec import model_spec
 from tidal.plan.policy import Policy
 from tidal.plan.search import choose_policy, limits_for, search
 
-GiB = 2**30
+from fake_profiles import GiB, cpu_profile, gpu_profile
 
-
-def gpu_profile(**kw) -> HardwareProfile:
-    fields = dict(device="cuda:0", device_name="fake T4", unified_memory=False,
-                  matmul_flops={"float32": 8e12, "float16": 40e12, "bfloat16": 40e12, "int8": 30e12, "int4": 30e12},
-                  gemv_bw={"float32": 280e9, "float16": 280e9, "bfloat16": 280e9, "int8": 200e9, "int4": 150e9},
-                  attn_bw=250e9, cpu_matmul_flops={"float32": 1e12, "bfloat16": 1e12}, cpu_attn_bw=80e9,
-                  h2d_bw=12e9, d2h_bw=12e9, disk_read_bw=2e9, disk_write_bw=1.5e9, disk_read_cached_bw=10e9,
-                  layer_overhead_s=5e-5, device_capacity=15 * GiB, host_capacity=200 * GiB,
-                  disk_capacity=1500 * GiB, threads=16)
-    return HardwareProfile(**{**fields, **kw})
-
-
-def cpu_profile(**kw) -> HardwareProfile:
-    fields = dict(device="cpu", device_name="fake 2-core", unified_memory=True,
-                  matmul_flops={"float32": 180e9, "bfloat16": 400e9, "int8": 70e9, "int4": 100e9},
-                  gemv_bw={"float32": 18e9, "bfloat16": 15e9, "int8": 8e9, "int4": 19e9}, attn_bw=40e9,
-                  cpu_matmul_flops={"float32": 180e9, "bfloat16": 400e9}, cpu_attn_bw=40e9, h2d_bw=20e9,
-                  d2h_bw=20e9, disk_read_bw=2e9, disk_write_bw=1.5e9, disk_read_cached_bw=12e9,
-                  layer_overhead_s=2e-4, device_capacity=20 * GiB, host_capacity=20 * GiB, disk_capacity=70 * GiB,
-                  threads=2)
-    return HardwareProfile(**{**fields, **kw})
 
 
 def tiny_llama(**kw):
@@ -189,6 +168,7 @@ def test_cpu_only_streams_only_the_disk_share():
 
 def test_profile_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("TIDAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TIDAL_HARDWARE_PROFILE", raising=False)
     prof = cpu_profile(notes=["fake"])
     save_profile(prof, profile_path("cpu"))
     loaded, path, fresh = get_profile("cpu")     # found in the cache: nothing is measured
@@ -220,12 +200,13 @@ def test_tidal_plan_cli_on_smollm2(smollm2, tmp_path, capsys):
     hw = tmp_path / "hw.json"
     save_profile(cpu_profile(), str(hw))
     out = tmp_path / "plan.json"
+    # on a CPU the budget is one RAM (the smaller flag); a GGUF streams from --offload-dir files
     assert main(["plan", "--device", "cpu", "--dtype", "bfloat16", "--device-mem", "100MiB", "--host-mem", "2GiB",
-                 "--hardware", str(hw), "--json", str(out)]) == 0
+                 "--offload-dir", str(tmp_path / "off"), "--hardware", str(hw), "--json", str(out)]) == 0
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if ln.startswith("policy"))
     policy = Policy.parse(line.split(None, 1)[1])
-    assert policy.weights[0] < 100            # 257 MiB of bf16 weights cannot sit in 100 MiB of "device"
+    assert policy.weights[0] < 100 and policy.weights[1] == 0   # 257 MiB of bf16 cannot sit in 100 MiB
     assert "tok/s" in text and "device" in text and "host" in text
     record = json.loads(out.read_text())
     assert record["policy"] == str(policy) and record["prediction"]["tokens_per_s"] > 0
@@ -258,3 +239,15 @@ def test_disk_reads_hit_the_page_cache_when_ram_is_spare():
     cold = predict(spec, prof, torch.float16, 128, 8, policy, {"spare_ram": 0})
     warm = predict(spec, prof, torch.float16, 128, 8, policy, {"spare_ram": 100 * GiB})
     assert warm.disk_cached and not cold.disk_cached and warm.tokens_per_s > 2 * cold.tokens_per_s
+
+
+def test_cpu_limits_are_one_ram_budget():
+    """On a CPU the runner keeps every layer it does not stream resident in the one RAM: the planner
+    budgets the smaller of --device-mem / --host-mem as "device", nothing as "host"."""
+    prof = cpu_profile()
+    both = limits_for(EngineConfig(model="x", device="cpu", device_mem="3GiB", host_mem="1GiB"), prof)
+    assert both["device"] == 1 * GiB and both["host"] == 0 and both["disk"] == 0
+    one = limits_for(EngineConfig(model="x", device="cpu", host_mem="2GiB", offload_dir="/tmp"), prof)
+    assert one["device"] == 2 * GiB and one["disk"] > 0
+    gpu = limits_for(EngineConfig(model="x", device="cpu", device_mem="3GiB", host_mem="1GiB"), gpu_profile())
+    assert gpu["device"] == 3 * GiB and gpu["host"] == 1 * GiB

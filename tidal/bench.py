@@ -221,6 +221,9 @@ def _throughput_args(p, add_engine_flags) -> None:
 
 def run_throughput(args, engine_kwargs: dict) -> int:
     from tidal import LLM, SamplingParams
+    if not args.dataset:  # --policy auto plans for this workload's mean lengths, unless told otherwise
+        engine_kwargs = {"prompt_len": round(sum(args.input_len) / 2), "gen_len": round(sum(args.output_len) / 2),
+                         **engine_kwargs}
     llm = LLM(**engine_kwargs)
     runner, cfg = llm.engine.runner, llm.config
     wl = workload_from_args(args, runner.vocab_size, llm.tokenizer)

@@ -98,6 +98,8 @@ class EngineConfig:
     host_mem: str | int | None = None
     offload_dir: str | None = None
     policy: str = "auto"
+    prompt_len: int = 0                      # the workload --policy auto plans for (0: 512)
+    gen_len: int = 0                         # (0: 32)
     load_format: str = "auto"
     enforce_eager: bool = False
 
@@ -118,6 +120,9 @@ class EngineConfig:
         if self.policy != "auto":
             from tidal.plan.policy import Policy
             Policy.parse(self.policy)  # a malformed policy fails here, with the accepted forms
+        if self.prompt_len < 0 or self.gen_len < 0:
+            raise TidalError("--prompt-len and --gen-len must be positive (0: the planner's default)",
+                             param="prompt_len")
         if self.load_format not in ("auto", "dummy"):
             raise TidalError("--load-format must be auto or dummy", param="load_format")
         self.kv_mem_bytes = parse_size(self.kv_mem, "kv_mem")
@@ -157,8 +162,10 @@ ENGINE_FLAGS = [
     ("offload_dir", str, "directory for weights offloaded to disk (written once, reused on the next start); "
                          "not needed when the policy's disk layers map a safetensors checkpoint in place"),
     ("policy", str, "where weights/KV live and how a step is batched: auto (all resident unless --host-mem / "
-                    "--device-mem force offloading), or e.g. 'w=20,80,0 kv=0,100,0 bs=32 mb=4 cpu-attn=on' "
+                    "--device-mem limit memory; then the planner's choice, as `tidal plan` prints it), or e.g. 'w=20,80,0 kv=0,100,0 bs=32 mb=4 cpu-attn=on' "
                     "(percent on device,host,disk; bs sequences per micro-batch; mb micro-batches share each "
                     "layer load), or FlexGen's six --percent numbers '20 80 0 100 0 100'"),
+    ("prompt_len", int, "typical prompt length, for --policy auto's planner (default 512)"),
+    ("gen_len", int, "typical number of generated tokens, for --policy auto's planner (default 32)"),
     ("load_format", str, "auto, or dummy (random weights, no files)"),
 ]

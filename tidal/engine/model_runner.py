@@ -52,7 +52,7 @@ class ModelRunner:
         model_len = getattr(hf, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         # where weights / KV live and how a step is micro-batched (engine/offload_runner.py)
-        self.policy = resolve_policy(config, hf, self.dtype, self.max_model_len, _DEFAULT_CPU_KV_MEM)
+        self.policy, self.plan = resolve_policy(config, hf, self.max_model_len, self.checkpoint)
         # (bits, group size) or None: --quant, or what a `tidal quantize` directory already holds
         quant = resolve_quantization(config.quant if config.quant != "none" else self.policy.quant,
                                      getattr(self.checkpoint, "quantization", None))
@@ -110,6 +110,9 @@ class ModelRunner:
         if self.config.num_kv_blocks:
             return self.config.num_kv_blocks
         budget = self.config.kv_mem_bytes
+        if budget is None and self.plan is not None:  # --policy auto's plan: the KV its batch needs
+            budget = int(sum(self.plan.memory_parts[t]["kv"] for t in ("device", "host"))) + \
+                self.kv_bytes_per_block() * self.policy.effective_batch
         if budget is None and self.config.device_mem_bytes:
             # everything resident: the KV pool gets what the weights leave, less a tenth for activations
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())

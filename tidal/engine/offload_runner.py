@@ -2,7 +2,7 @@
 by it, and the zig-zag step schedule.
 
 Owns: `resolve_policy` (--policy, or for "auto" all-resident unless --host-mem / --device-mem
-force offloading, then the fitting rule here), `build_offloaded_model`
+limit memory, then tidal/plan's choice), `build_offloaded_model`
 (a model built on the CPU, filled by weights/placed_loading.py, resident parts quantized and
 packed, a LayerPrefetcher on the streamed layers), and `OffloadSchedule`: a step run layer by
 layer over `num_micro_batches` micro-batches, so each streamed layer is copied in once per step
@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -35,72 +34,43 @@ from tidal.weights.prefetch import LayerPrefetcher
 _SLOTS = 2  # streamed layers on the device at once: the one computing and the one being copied in
 
 
-@dataclass
-class ModelSizes:
-    layer_bytes: list[int]   # each decoder layer's own weights
-    other_bytes: int         # embeddings, LM head, final norm: always resident
-    kv_bytes: int            # the KV pool the runner will allocate
-
-
-def resolve_policy(config, hf_config, dtype: torch.dtype, max_model_len: int, default_kv_bytes: int) -> Policy:
+def resolve_policy(config, hf_config, max_model_len: int, checkpoint) -> tuple[Policy, object | None]:
+    """(policy, the planner's Prediction or None). --policy as given; "auto" is all-resident unless
+    --host-mem / --device-mem limit memory, and then tidal/plan's choice (cost model + LP) for the
+    workload --prompt-len / --gen-len describe. Lossless: it compresses only what --quant /
+    --kv-quant ask for (`tidal plan` also shows the compressed options)."""
     if config.policy != "auto":
-        return Policy.parse(config.policy)
+        return Policy.parse(config.policy), None
     if not (config.host_mem_bytes or config.device_mem_bytes):
-        return Policy()  # no limit given: everything resident
-    sizes = model_sizes(config, hf_config, dtype, max_model_len, default_kv_bytes)
-    # not tidal/plan's choose_policy yet: its CPU memory model (disk only with --offload-dir, host
-    # and device budgets apart) does not match this runner's; `tidal plan` prints a policy to pass
-    return fit_policy(config, sizes)
+        return Policy(), None  # no limit given: everything resident
+    from tidal.plan.hardware import profile_for
+    from tidal.plan.search import choose_policy, disk_limit_for
+    profile, _, _ = profile_for(config)
+    prompt_len, gen_len = planned_workload(config, max_model_len)
+    max_batch = config.max_num_seqs
+    if config.kv_mem_bytes or config.num_kv_blocks:  # a fixed KV pool bounds the batch
+        per_seq = kv_bytes_per_token(hf_config, config) * (prompt_len + gen_len)
+        pool = config.kv_mem_bytes or config.num_kv_blocks * config.block_size * kv_bytes_per_token(hf_config, config)
+        max_batch = max(1, min(max_batch, pool // max(1, per_seq)))
+    policy, pred = choose_policy(hf_config, config, prompt_len, gen_len, profile, max_batch=max_batch,
+                                 allow_compression=False, disk_limit=disk_limit_for(config, checkpoint))
+    print(f"[tidal] --policy auto: '{policy}', predicted {pred.tokens_per_s:,.1f} tok/s for prompts of "
+          f"{prompt_len} and {gen_len} new tokens (`tidal plan` explains)", file=sys.stderr)
+    return policy, pred
 
 
-def model_sizes(config, hf_config, dtype, max_model_len, default_kv_bytes) -> ModelSizes:
-    model = build_model(hf_config, torch.device("meta"), dtype, max_position=max_model_len)
-    shared = shared_tensor_ids(model)
-    layer_bytes = [LayerLayout(layer, shared).nbytes for layer in model.layers]
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+def planned_workload(config, max_model_len: int) -> tuple[int, int]:
+    """(prompt, generation) lengths the planner plans for: the flags, else FlexGen's 512 / 32 within
+    the model's context."""
+    prompt = config.prompt_len or min(512, max(1, max_model_len // 2))
+    gen = config.gen_len or max(1, min(32, max_model_len - prompt))
+    return prompt, gen
+
+
+def kv_bytes_per_token(hf_config, config) -> int:
     kvh = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    per_token = 2 * hf_config.num_hidden_layers * kvh * head_dim * dtype.itemsize
-    if config.kv_mem_bytes:
-        kv = config.kv_mem_bytes
-    elif config.num_kv_blocks:
-        kv = config.num_kv_blocks * config.block_size * per_token
-    else:
-        kv = min(default_kv_bytes, config.max_num_seqs * (max_model_len + config.block_size) * per_token)
-    return ModelSizes(layer_bytes, total - sum(layer_bytes), kv)
-
-
-def fit_policy(config, sizes: ModelSizes) -> Policy:
-    """Whole layers, in order, on the device while they fit, then on the host, the rest on disk
-    (all on the device when everything fits). A tenth of each budget is kept for activations, and
-    two layers' worth for the streaming buffers."""
-    cpu = config.torch_device.type == "cpu"
-    slots = _SLOTS * max(sizes.layer_bytes)
-    if cpu:  # device and host are the same memory
-        dev_cap, host_cap = min(b for b in (config.host_mem_bytes, config.device_mem_bytes) if b), 0
-    else:
-        dev_cap = config.device_mem_bytes or torch.cuda.mem_get_info(config.torch_device)[0]
-        host_cap = config.host_mem_bytes or os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    dev_room = int(dev_cap * 0.9) - sizes.other_bytes - sizes.kv_bytes - slots
-    if dev_room < 0:
-        flag = "--host-mem" if cpu else "--device-mem"
-        raise TidalError(f"{flag} {_gib(dev_cap)} cannot hold the KV cache ({_gib(sizes.kv_bytes)}), the embeddings "
-                         f"and LM head ({_gib(sizes.other_bytes)}) and two streamed layers ({_gib(slots)}); "
-                         f"give more {flag} or a smaller --kv-mem", param="host_mem" if cpu else "device_mem")
-    host_room = int(host_cap * 0.9) - slots if host_cap else 0
-    total, acc, placed = sum(sizes.layer_bytes), 0, [0, 0]
-    for b in sizes.layer_bytes:
-        tier = 0 if acc + b <= dev_room else 1 if placed[1] + b <= host_room else None
-        if tier is None:
-            break
-        placed[tier] += b
-        acc += b
-    d, h = 100 * placed[0] / total, 100 * placed[1] / total
-    return Policy(weights=(d, h, max(0.0, 100 - d - h)))
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return 2 * hf_config.num_hidden_layers * kvh * head_dim * config.torch_dtype.itemsize
 
 
 def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verbose: bool = False):

@@ -46,8 +46,6 @@ def _profile(args, cfg):
     from tidal.plan.hardware import load_profile, profile_for
     if args.hardware:
         return load_profile(args.hardware), args.hardware, False
-    if args.profile:
-        print(f"tidal plan: measuring {cfg.torch_device} (about 10 s; cached for later runs)", file=sys.stderr)
     return profile_for(cfg, remeasure=args.profile)
 
 
@@ -65,18 +63,28 @@ def _hf_config(model: str):
     return open_checkpoint(model).hf_config
 
 
+def _checkpoint_or_none(model: str):
+    from tidal.weights.loader import open_checkpoint
+    try:
+        return open_checkpoint(model, require_weights=False)
+    except TidalError:
+        return None
+
+
 def run(args) -> int:
     from tidal.config import EngineConfig, parse_size
     from tidal.plan.cost_model import predict
     from tidal.plan.model_spec import model_spec
     from tidal.plan.policy import Policy
-    from tidal.plan.search import choose_policy, fits, limits_for
+    from tidal.plan.search import choose_policy, disk_limit_for, fits, limits_for
 
     kwargs = {n: getattr(args, n) for n in _ENGINE if getattr(args, n, None) is not None}
     cfg = EngineConfig.from_kwargs(**kwargs)
     hf_config = _hf_config(cfg.model)
     prof, prof_path, fresh = _profile(args, cfg)
     disk_limit = parse_size(args.disk_mem, "disk_mem")
+    if disk_limit is None:  # the disk the engine's runner would stream from (a safetensors checkpoint in place)
+        disk_limit = disk_limit_for(cfg, _checkpoint_or_none(cfg.model))
     if cfg.policy == "auto":
         policy, pred = choose_policy(hf_config, cfg, args.prompt_len, args.gen_len, prof,
                                      allow_compression=not args.no_compress, disk_limit=disk_limit, progress=True)

@@ -3,7 +3,7 @@
 Owns: `HardwareProfile` (matmul FLOP/s and weight-streaming bandwidth per weight format on the
 device and on the CPU, decode-attention bandwidth, the four tier links, a decoder layer's dispatch
 overhead, tier capacities), its JSON cache at ~/.cache/tidal/hardware-<hostname>-<device>.json
-(TIDAL_CACHE_DIR overrides the folder), `get_profile` (load the cache, or measure with
+(TIDAL_CACHE_DIR overrides the folder; TIDAL_HARDWARE_PROFILE=PATH uses that file instead), `get_profile` (load the cache, or measure with
 microbench.py), and reading free memory and disk space now.
 Must not: time anything itself (microbench.py does) or know about models and policies.
 On a CPU-only machine the device *is* the host: `unified_memory` is true, host<->device "copies"
@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from tidal.errors import TidalError
@@ -120,12 +121,16 @@ def save_profile(profile: HardwareProfile, path: str) -> None:
 def get_profile(device: str = "cpu", offload_dir: str | None = None, remeasure: bool = False,
                 progress: bool = True) -> tuple[HardwareProfile, str, bool]:
     """(profile, its cache path, whether it was measured now). Loads the cache unless `remeasure`."""
+    if os.environ.get("TIDAL_HARDWARE_PROFILE") and not remeasure:  # a fixed profile (tests, or a fleet's)
+        path = os.environ["TIDAL_HARDWARE_PROFILE"]
+        return load_profile(path), path, False
     path = profile_path(device)
     if not remeasure and os.path.isfile(path):
         prof = load_profile(path)
         if prof.version == PROFILE_VERSION:
             return prof, path, False
     from tidal.plan.microbench import measure
+    print(f"[tidal] measuring {device} for the offloading planner (about 10 s; cached in {path})", file=sys.stderr)
     prof = measure(device, offload_dir, progress=progress)
     save_profile(prof, path)
     return prof, path, True

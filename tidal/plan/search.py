@@ -41,14 +41,38 @@ _KINDS = ("weights", "kv", "act")
 
 
 def limits_for(engine_config, profile: HardwareProfile, disk_limit: int | None = None) -> dict[str, float | None]:
-    """Bytes allowed per tier: the flags, else what the profile found free; disk only with --offload-dir."""
-    lim = {"device": engine_config.device_mem_bytes or profile.device_capacity,
-           "host": engine_config.host_mem_bytes or profile.host_capacity,
-           "disk": disk_limit if disk_limit is not None else disk_free(engine_config.offload_dir)}
+    """Bytes allowed per tier: the flags, else what the profile found free; disk only with --offload-dir
+    (or `disk_limit`, see disk_limit_for).
+
+    On a CPU-only machine (unified memory) device and host are one RAM, and the runner keeps every
+    layer it does not stream resident in it: the budget is the smaller of --device-mem / --host-mem
+    (either one alone, or free RAM), all of it "device"; only the disk tier streams."""
+    if profile.unified_memory:
+        given = [b for b in (engine_config.device_mem_bytes, engine_config.host_mem_bytes) if b]
+        lim = {"device": min(given) if given else profile.device_capacity, "host": 0}
+    else:
+        lim = {"device": engine_config.device_mem_bytes or profile.device_capacity,
+               "host": engine_config.host_mem_bytes or profile.host_capacity}
+    lim["disk"] = disk_limit if disk_limit is not None else disk_free(engine_config.offload_dir)
     lim["ram"] = profile.host_capacity if profile.unified_memory else None
     # RAM nobody budgeted: the page cache that keeps offloaded files in memory after a first read
     lim["spare_ram"] = max(0, profile.host_capacity - lim["host"] - (lim["device"] if profile.unified_memory else 0))
     return lim
+
+
+def disk_limit_for(engine_config, checkpoint) -> int | None:
+    """The disk tier's room when no --offload-dir is given but the runner can stream layers anyway:
+    a plain safetensors checkpoint (not quantized at load, not dummy) is mapped in place, so its
+    layers may all go to "disk" at no extra space. None otherwise (limits_for's default)."""
+    import shutil
+
+    from tidal.weights.placed_loading import plain_safetensors
+    if engine_config.offload_dir or checkpoint is None:
+        return None
+    if engine_config.load_format != "dummy" and engine_config.quant == "none" \
+            and plain_safetensors(checkpoint) is not None:
+        return shutil.disk_usage(checkpoint.path).total
+    return None
 
 
 def solve_placement(cm: CostModel, limits: dict[str, float | None], tiers: dict = RUNNER_TIERS) -> np.ndarray | None:
@@ -181,12 +205,15 @@ def choose_policy(hf_config, engine_config, prompt_len: int, gen_len: int, profi
     kv_quants = (engine_config.kv_quant,) if engine_config.kv_quant != "none" else comp
     found = search(spec, profile, dtype, prompt_len, gen_len, limits, max_batch, quants, kv_quants, progress)
     if not found:
-        raise TidalError(_nothing_fits(spec, profile, dtype, prompt_len, gen_len, limits, quants[-1], kv_quants[-1]),
-                         param="device_mem")
+        # on a CPU the one RAM budget came from whichever of the two flags was given (limits_for)
+        flag = "--host-mem" if profile.unified_memory and engine_config.host_mem_bytes and \
+            limits["device"] == engine_config.host_mem_bytes else "--device-mem"
+        raise TidalError(_nothing_fits(spec, profile, dtype, prompt_len, gen_len, limits, quants[-1], kv_quants[-1],
+                                       flag), param=flag[2:].replace("-", "_"))
     return found[0].policy, found[0]
 
 
-def _nothing_fits(spec, hw, dtype, prompt_len, gen_len, limits, quant, kv_quant) -> str:
+def _nothing_fits(spec, hw, dtype, prompt_len, gen_len, limits, quant, kv_quant, device_flag="--device-mem") -> str:
     """What the smallest job (batch 1, the most compression allowed) needs, and which flag to raise."""
     cand = Policy(batch_size=1, quant=quant, kv_quant=kv_quant)
     cm = CostModel(spec, hw, dtype, prompt_len, gen_len, cand)
@@ -206,11 +233,11 @@ def _nothing_fits(spec, hw, dtype, prompt_len, gen_len, limits, quant, kv_quant)
            f"embeddings and LM head, streaming slots, working buffers)")
     fixes = []
     if need_dev > limits["device"]:
-        fixes.append(f"raise --device-mem to at least {_size(need_dev)}")
-    if need_host > limits["host"]:
+        fixes.append(f"raise {device_flag} to at least {_size(need_dev)}")
+    if need_host > limits["host"] and not hw.unified_memory:
         fixes.append(f"raise --host-mem to at least {_size(need_host)}")
     if total > sum(limits[t] or 0 for t in TIERS):
-        fixes.append("raise --host-mem" + ("" if limits["disk"] else f", or give --offload-dir on a disk with "
+        fixes.append(f"raise {device_flag if hw.unified_memory else '--host-mem'}" + ("" if limits["disk"] else f", or give --offload-dir on a disk with "
                                            f"{_size(total)} free"))
     if not fixes:
         fixes.append("raise --device-mem or --host-mem")
