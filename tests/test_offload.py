@@ -79,6 +79,21 @@ def test_offloaded_equals_resident(llama_dir, resident, policy):
     assert all(s.ops and s.host_buffer is None for s in runner.placement.streamed.values())
 
 
+@pytest.mark.parametrize("policy", ["w=0,0,100 kv=0,0,100", "w=50,0,50 kv=50,0,50 bs=4 mb=2"])
+def test_kv_cache_on_disk_equals_resident(llama_dir, resident, policy, tmp_path):
+    """The KV cache's disk share: memory-mapped files under --offload-dir (unlinked at once, so
+    nothing is left behind), read by the same attention kernels."""
+    llm = _llm(llama_dir, policy=policy, offload_dir=str(tmp_path))
+    caches = llm.engine.runner.kv_caches
+    disk = NUM_LAYERS if "kv=0,0,100" in policy else NUM_LAYERS // 2
+    on_file = [k for k, _ in caches if k.untyped_storage().filename is not None]
+    assert len(on_file) == disk and caches[-1][0].untyped_storage().filename is not None
+    assert _run(llm) == resident
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs]
+    with pytest.raises(TidalError, match="--offload-dir"):
+        _llm(llama_dir, policy=policy)
+
+
 @pytest.mark.parametrize("mb", [2, 4])
 def test_micro_batched_equals_normal_schedule(llama_dir, resident, mb):
     assert _run(_llm(llama_dir, policy=f"mb={mb}")) == resident
@@ -185,3 +200,12 @@ def test_host_kv_attention_paths():
     finally:
         host_kv.set_cpu_attention(False)
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_quantized_kv_cache_on_disk(llama_dir, tmp_path):
+    """--kv-quant int8 caches (codes, scales, mins) map from files the same way."""
+    resident = _run(_llm(llama_dir, kv_quant="int8"))
+    llm = _llm(llama_dir, kv_quant="int8", policy="kv=0,0,100", offload_dir=str(tmp_path))
+    k = llm.engine.runner.kv_caches[0][0]
+    assert all(t.untyped_storage().filename is not None for t in k.parts())
+    assert _run(llm) == resident

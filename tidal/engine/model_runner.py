@@ -16,13 +16,13 @@ import torch
 from tqdm import tqdm
 
 from tidal.config import EngineConfig
-from tidal.engine.offload_runner import OffloadSchedule, build_offloaded_model, kv_cache_devices, resolve_policy
+from tidal.engine.offload_runner import OffloadSchedule, build_offloaded_model, kv_cache_tiers, resolve_policy
 from tidal.engine.request import Request
 from tidal.engine.scheduler import ScheduledBatch
 from tidal.errors import TidalError
 from tidal.kernels import get_backend
 from tidal.kernels.metadata import AttentionMetadata, forward_context
-from tidal.kv.quant_cache import allocate_kv_cache, kv_bytes_per_token
+from tidal.kv.quant_cache import allocate_kv_cache, kv_bytes_per_token, kv_file
 from tidal.model.registry import build_model, get_model_class
 from tidal.sampling import Sampler, SamplingMetadata
 from tidal.weights.loader import Checkpoint, open_checkpoint
@@ -78,9 +78,16 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         # per layer (k_cache, v_cache): [num_blocks, block_size, kv_heads, head_dim] tensors, or QuantKVCache
-        kv_devices = kv_cache_devices(self.policy, self.num_layers, self.device)  # the policy's host share: CPU
+        # the policy's host share lives in CPU memory, its disk share in memory-mapped --offload-dir files
+        kv_tiers = kv_cache_tiers(self.policy, self.num_layers, self.device)
+        if "disk" in kv_tiers and not config.offload_dir:
+            raise TidalError(f"the policy puts {kv_tiers.count('disk')} layer(s) of the KV cache on disk; pass "
+                             "--offload-dir DIR for their files", param="offload_dir")
         self.kv_caches = [allocate_kv_cache(self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim,
-                                            self.dtype, kv_devices[i], config.kv_quant) for i in range(self.num_layers)]
+                                            self.dtype, self.device if t == "device" else torch.device("cpu"),
+                                            config.kv_quant, backing=kv_file(config.offload_dir, i) if t == "disk"
+                                            else None)
+                          for i, t in enumerate(kv_tiers)]
         self.sampler = Sampler()
         self.vocab_size = hf.vocab_size
 
@@ -111,7 +118,7 @@ class ModelRunner:
             return self.config.num_kv_blocks
         budget = self.config.kv_mem_bytes
         if budget is None and self.plan is not None:  # --policy auto's plan: the KV its batch needs
-            budget = int(sum(self.plan.memory_parts[t]["kv"] for t in ("device", "host"))) + \
+            budget = int(sum(parts["kv"] for parts in self.plan.memory_parts.values())) + \
                 self.kv_bytes_per_block() * self.policy.effective_batch
         if budget is None and self.config.device_mem_bytes:
             # everything resident: the KV pool gets what the weights leave, less a tenth for activations

@@ -44,14 +44,16 @@ def resolve_policy(config, hf_config, max_model_len: int, checkpoint) -> tuple[P
     if not (config.host_mem_bytes or config.device_mem_bytes):
         return Policy(), None  # no limit given: everything resident
     from tidal.plan.hardware import profile_for
+    from tidal.plan.model_spec import model_spec
     from tidal.plan.search import choose_policy, disk_limit_for
     profile, _, _ = profile_for(config)
     prompt_len, gen_len = planned_workload(config, max_model_len)
     max_batch = config.max_num_seqs
     if config.kv_mem_bytes or config.num_kv_blocks:  # a fixed KV pool bounds the batch
-        per_seq = kv_bytes_per_token(hf_config, config) * (prompt_len + gen_len)
-        pool = config.kv_mem_bytes or config.num_kv_blocks * config.block_size * kv_bytes_per_token(hf_config, config)
-        max_batch = max(1, min(max_batch, pool // max(1, per_seq)))
+        spec = model_spec(hf_config)
+        per_token = spec.kv_bytes_per_token(config.torch_dtype, config.kv_quant) * spec.num_layers
+        pool = config.kv_mem_bytes or config.num_kv_blocks * config.block_size * per_token
+        max_batch = max(1, min(max_batch, pool // max(1, per_token * (prompt_len + gen_len))))
     policy, pred = choose_policy(hf_config, config, prompt_len, gen_len, profile, max_batch=max_batch,
                                  allow_compression=False, disk_limit=disk_limit_for(config, checkpoint))
     print(f"[tidal] --policy auto: '{policy}', predicted {pred.tokens_per_s:,.1f} tok/s for prompts of "
@@ -65,12 +67,6 @@ def planned_workload(config, max_model_len: int) -> tuple[int, int]:
     prompt = config.prompt_len or min(512, max(1, max_model_len // 2))
     gen = config.gen_len or max(1, min(32, max_model_len - prompt))
     return prompt, gen
-
-
-def kv_bytes_per_token(hf_config, config) -> int:
-    kvh = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    return 2 * hf_config.num_hidden_layers * kvh * head_dim * config.torch_dtype.itemsize
 
 
 def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verbose: bool = False):
@@ -104,17 +100,18 @@ def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verb
     return model.eval(), placement, prefetcher
 
 
-def kv_cache_devices(policy: Policy, num_layers: int, device: torch.device) -> list[torch.device]:
-    """Each layer's KV cache device: the policy's host share (whole layers, first ones on the device)
-    on the CPU. On a CPU device host and device are one memory, so every layer stays put."""
-    if device.type == "cpu" or policy.kv[0] >= 100.0:
-        return [device] * num_layers
+def kv_cache_tiers(policy: Policy, num_layers: int, device: torch.device) -> list[str]:
+    """Each layer's KV cache tier under the policy's shares (whole layers, device first):
+    "device", "host" (CPU memory; under a GPU model attention over it runs per --policy cpu-attn,
+    kernels/host_kv.py) or "disk" (a file in --offload-dir, memory-mapped). On a CPU device and
+    host are one memory."""
+    if policy.kv[0] >= 100.0:
+        return ["device"] * num_layers
     tiers = assign_tiers([1] * num_layers, policy.kv)
-    if "disk" in tiers:
-        raise TidalError(f"policy kv={','.join(f'{f:g}' for f in policy.kv)}: a KV cache on disk is not supported "
-                         "yet; give its disk share to the host (e.g. kv=0,100,0)", param="policy")
+    if device.type == "cpu":
+        return ["device" if t == "host" else t for t in tiers]
     host_kv.set_cpu_attention(policy.cpu_attention)
-    return [device if t == "device" else torch.device("cpu") for t in tiers]
+    return tiers
 
 
 def split_batch(batch: ScheduledBatch, block_tables: list, n: int) -> list[tuple[ScheduledBatch, list]]:

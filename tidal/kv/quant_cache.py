@@ -1,7 +1,8 @@
 """Group-wise int8 / int4 KV cache (--kv-quant): the layout, its allocation, and row quantization.
 
 Owns: `QuantKVCache` (one layer's K or V: packed uint8 codes plus a per-group scale and min, x = scale
-* q + min, groups along head_dim), `allocate_kv_cache` (plain or quantized K/V tensors for one layer),
+* q + min, groups along head_dim), `allocate_kv_cache` (plain or quantized K/V tensors for one layer,
+in memory or memory-mapped from a file for the disk tier),
 `kv_bytes_per_token`, and `quantize_rows` / `write_kv_quant` / `dequantize_blocks`, thin shape adapters over
 weights/quant.py's `quantize` / `dequantize` (the arithmetic and the int4 nibble order live there only).
 Must not: run attention or pick kernels (kernels/ dispatch on `QuantKVCache`), or know about requests.
@@ -12,6 +13,7 @@ Layout per layer, for K and for V alike (int4 bytes hold two values in weights/q
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -76,20 +78,52 @@ def kv_bytes_per_token(num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_
 
 
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                      device: torch.device, kv_quant: str = "none", group_size: int | None = None):
-    """One layer's (k_cache, v_cache): zeroed `dtype` tensors, or two QuantKVCache for int8 / int4."""
+                      device: torch.device, kv_quant: str = "none", group_size: int | None = None,
+                      backing: str | None = None):
+    """One layer's (k_cache, v_cache): zeroed `dtype` tensors, or two QuantKVCache for int8 / int4.
+    `backing`: a path prefix; the tensors are then memory-mapped files there (the disk tier, on the CPU)."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    parts = itertools.count()
+
+    def zeros(shp, dt):
+        if backing is None:
+            return torch.zeros(shp, dtype=dt, device=device)
+        return _mapped_zeros(f"{backing}.{next(parts)}", shp, dt)
     if kv_quant == "none":
-        return (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        return zeros(shape, dtype), zeros(shape, dtype)
     bits = KV_QUANT_BITS[kv_quant]
     g = kv_group_size(head_dim, bits, group_size)
 
     def one() -> QuantKVCache:
         groups = shape[:3] + (head_dim // g,)
-        return QuantKVCache(torch.zeros(shape[:3] + (head_dim * bits // 8,), dtype=torch.uint8, device=device),
-                            torch.zeros(groups, dtype=KV_SCALE_DTYPE, device=device),
-                            torch.zeros(groups, dtype=KV_SCALE_DTYPE, device=device), bits, g)
+        return QuantKVCache(zeros(shape[:3] + (head_dim * bits // 8,), torch.uint8),
+                            zeros(groups, KV_SCALE_DTYPE), zeros(groups, KV_SCALE_DTYPE), bits, g)
     return one(), one()
+
+
+def kv_file(offload_dir: str, layer: int) -> str:
+    """The path prefix of layer `layer`'s disk-tier KV files under --offload-dir (one set per process)."""
+    return os.path.join(offload_dir, "kv", f"{os.getpid()}-layer{layer}")
+
+
+def _mapped_zeros(path: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor backed by a file (MAP_SHARED): the kernel pages it to disk under memory
+    pressure. The file is unlinked at once; its space is freed when the mapping goes."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    numel = 1
+    for n in shape:
+        numel *= n
+    try:
+        with open(path, "wb") as f:
+            f.truncate(numel * dtype.itemsize)          # sparse: reads as zeros
+        t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    except OSError as e:
+        raise TidalError(f"cannot create the KV cache file '{path}' ({e}); pass an --offload-dir on a disk "
+                         "with room for the policy's disk share of the KV cache", param="offload_dir") from None
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return t.view(shape)
 
 
 def quantize_rows(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

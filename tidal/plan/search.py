@@ -34,9 +34,10 @@ from tidal.plan.policy import TIERS, Policy
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 _QUANT_ORDER = {"none": 0, "int8": 1, "int4": 2}
-# what engine/offload_runner.py can place today: KV on the device or host (no disk yet), activations
-# on the device; widen these when the runner learns more (the LP and cost model cover all nine)
-RUNNER_TIERS = {"weights": ("device", "host", "disk"), "kv": ("device", "host"), "act": ("device",)}
+# what engine/offload_runner.py can place today: weights and KV on every tier (KV on disk: memory-
+# mapped files), activations on the device; widen these when the runner learns more (the LP and
+# cost model cover all nine)
+RUNNER_TIERS = {"weights": ("device", "host", "disk"), "kv": ("device", "host", "disk"), "act": ("device",)}
 _KINDS = ("weights", "kv", "act")
 
 
@@ -203,7 +204,9 @@ def choose_policy(hf_config, engine_config, prompt_len: int, gen_len: int, profi
     comp = ("none", "int8", "int4") if allow_compression else ("none",)
     quants = (engine_config.quant,) if engine_config.quant != "none" else comp
     kv_quants = (engine_config.kv_quant,) if engine_config.kv_quant != "none" else comp
-    found = search(spec, profile, dtype, prompt_len, gen_len, limits, max_batch, quants, kv_quants, progress)
+    # weights may stream from a safetensors checkpoint mapped in place, but KV files need --offload-dir
+    tiers = RUNNER_TIERS if engine_config.offload_dir else {**RUNNER_TIERS, "kv": ("device", "host")}
+    found = search(spec, profile, dtype, prompt_len, gen_len, limits, max_batch, quants, kv_quants, progress, tiers)
     if not found:
         # on a CPU the one RAM budget came from whichever of the two flags was given (limits_for)
         flag = "--host-mem" if profile.unified_memory and engine_config.host_mem_bytes and \
