@@ -25,6 +25,7 @@ from tidal.kernels.metadata import AttentionMetadata, forward_context
 from tidal.kv.quant_cache import allocate_kv_cache, kv_bytes_per_token, kv_file
 from tidal.model.registry import build_model, get_model_class
 from tidal.sampling import Sampler, SamplingMetadata
+from tidal.weights.dummy import fill_dummy
 from tidal.weights.loader import Checkpoint, open_checkpoint
 from tidal.weights.quantize_model import quantize_model, resolve_quantization
 
@@ -93,9 +94,8 @@ class ModelRunner:
 
     def _load_weights(self, verbose: bool, quant: tuple[int, int | None] | None = None) -> None:
         if self.config.load_format == "dummy":
-            gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
-            for p in self.model.parameters():
-                p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02)
+            for name, p in self.model.named_parameters():
+                fill_dummy(p, name, self.config.seed)
             return
         # weights stored in the asked format (GGUF Q4_1, `tidal quantize` dirs) come quantized, not re-done
         tensors = (self.checkpoint.iter_tensors(self.dtype, keep_quantized=quant) if quant

@@ -16,6 +16,7 @@ from torch import nn
 
 from tidal.errors import TidalError
 from tidal.model.loading import load_named_weights
+from tidal.weights.dummy import fill_dummy
 from tidal.weights.placement import (LayerLayout, Placement, StreamedLayer, host_buffer, layer_of, shared_tensor_ids,
                                      without_layers)
 
@@ -110,17 +111,15 @@ def load_placed(model: nn.Module, tiers: list[str], device: torch.device, dtype:
 
 
 def _load_dummy(model, seed, skipped, staged, stage_out) -> None:
-    # the same draws, in the same order, as ModelRunner._load_weights, so the values equal a resident run's
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # weights/dummy.py's values by name, as ModelRunner._load_weights fills them: equal to a resident run's
     last = None
     for name, p in model.named_parameters():
-        t = torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02
         i = layer_of(name)
         if i != last and last in staged:
             stage_out(last)
         last = i
         if i not in skipped:
-            p.data.copy_(t)
+            fill_dummy(p, name, seed)
     if last in staged:
         stage_out(last)
 
