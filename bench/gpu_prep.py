@@ -30,6 +30,7 @@ for name, changes in [("smollm2-cfg", {}),
 from transformers import OPTConfig  # noqa: E402
 
 opt = OPTConfig(hidden_size=7168, num_hidden_layers=48, ffn_dim=28672, num_attention_heads=56,
-                word_embed_proj_dim=7168, max_position_embeddings=2048, vocab_size=50272, torch_dtype="float16")
+                word_embed_proj_dim=7168, max_position_embeddings=2048, vocab_size=50272, torch_dtype="float16",
+                architectures=["OPTForCausalLM"])  # tidal picks the model class by it
 opt.save_pretrained(os.path.join(out, "opt-30b-cfg"))
 print("wrote", sorted(os.listdir(out)))
