@@ -1,30 +1,28 @@
 """`tidal batch IN.jsonl OUT.jsonl`: an OpenAI-format batch file streamed through the engine.
 
-Owns: reading the input lazily with a bounded number of requests in flight (continuous batching
-without holding a 1M-line file in memory), one output record per input line appended the moment
-it finishes (so OUT is in completion order, not input order, as with OpenAI's batch API), resume
-(a rerun skips what OUT already holds and cuts a torn last line, so each line is answered exactly
-once even after `kill -9`), the progress bar and the summary.
+Owns: the command (its flags, `run_batch`, `main`), reading the input lazily with a bounded number
+of requests in flight (continuous batching without holding a 1M-line file in memory), one output
+record per input line appended the moment it finishes (so OUT is in completion order, not input
+order, as with OpenAI's batch API), resume (a rerun skips what OUT already holds, so each line is
+answered exactly once even after `kill -9`), the progress bar and the summary.
+Reading and appending OUT (the lock, torn last lines, fsync) live in batch_output.py; turning one
+line into engine requests and a finished line into its record live in batch_requests.py.
 Must not: define request shapes or sampling rules: bodies are validated by the server's protocol
 models and mapped by its `sampling_params`, so a body means the same here as over HTTP.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 
+from tidal.batch_output import _DUPLICATE, Done, _Writer, scan_output
+from tidal.batch_requests import _Ctx, _Job, _line_error, _parse, _prepare, _success
 from tidal.errors import TidalError
 
-# The server modules (request models, sampling mapping, logprob shapes) are imported inside the
-# functions that use them: they pull in torch and fastapi (~2 s), which `tidal --help` must not pay.
-_URLS = ("/v1/chat/completions", "/v1/completions")
-_DUPLICATE = "duplicate_custom_id"
-_FSYNC_EVERY_S = 2.0   # a crash loses at most this much finished work to the page cache
+# The engine, the server's error mapping and tqdm are imported inside the functions that use them:
+# they pull in torch and fastapi (~2 s), which `tidal --help` must not pay.
 
 
 def add_batch_parser(subparsers, add_engine_flags):
@@ -73,196 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     except TidalError as e:
         print(f"tidal: error: {e.message}", file=sys.stderr)
         return 2
-
-
-class Done:
-    """What OUT already answers: custom_ids, duplicate-error counts, and input lines without an id."""
-
-    def __init__(self):
-        self.ids: set[str] = set()
-        self.duplicates: Counter = Counter()
-        self.lines: set[int] = set()
-        self.records = 0
-
-
-def scan_output(path: str) -> Done:
-    """Read OUT, cutting a torn last line (a crash mid-write) so the next record starts on a line of its own."""
-    done = Done()
-    if not os.path.exists(path):
-        return done
-    good_end = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                rec = json.loads(raw) if raw.endswith(b"\n") else None
-            except ValueError:
-                rec = None
-            if rec is None and f.read(1):   # only the last line can be torn; anything else is damage
-                raise TidalError(f"{path} line {lineno} is not a complete JSON record, so it is not a tidal batch "
-                                 "output (or it was damaged); move it away or repair that line")
-            if rec is None:
-                break
-            if not isinstance(rec, dict) or "custom_id" not in rec:
-                raise TidalError(f"{path} line {lineno} has no custom_id; it is not a batch output file")
-            good_end += len(raw)
-            done.records += 1
-            cid, err = rec["custom_id"], rec.get("error") or {}
-            if err.get("code") == _DUPLICATE:
-                done.duplicates[cid] += 1
-            elif cid is not None:
-                done.ids.add(cid)
-            elif isinstance(err.get("line"), int):
-                done.lines.add(err["line"])
-    if good_end < os.path.getsize(path):
-        os.truncate(path, good_end)
-    return done
-
-
-class _Writer:
-    """Appends whole records with one write each (a kill leaves at most one torn line) and fsyncs
-    every few seconds and at close. Holds an exclusive lock on OUT: two runs appending to one file
-    would answer lines twice. The kernel drops the lock when the process dies, even by kill -9."""
-
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise TidalError(f"another `tidal batch` is writing {path}; wait for it or stop it first")
-        self.last_sync = time.monotonic()
-
-    def write(self, record: dict) -> None:
-        data = memoryview((json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
-        while data:
-            data = data[os.write(self.fd, data):]
-        if time.monotonic() - self.last_sync > _FSYNC_EVERY_S:
-            os.fsync(self.fd)
-            self.last_sync = time.monotonic()
-
-    def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
-
-
-class _Ctx:
-    """The slice of the server's context that check_fits and the logprob formatters read."""
-
-    def __init__(self, engine):
-        self.tokenizer = engine.tokenizer
-        bm = engine.block_manager
-        self.engine = type("EngineLimits", (), {"max_model_len": engine.max_model_len,
-                                                "kv_capacity_tokens": bm.num_blocks * bm.block_size})
-
-    def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-
-class _Job:
-    """One input line in the engine: its prompts (a completions line may hold several) and their results."""
-
-    def __init__(self, custom_id, chat, req, prompts):
-        self.custom_id, self.chat, self.req, self.prompts = custom_id, chat, req, prompts
-        self.finals, self.remaining = [None] * len(prompts), len(prompts)
-
-
-def _line_error(lineno, custom_id, code, message, status=None, body=None, param=None) -> dict:
-    response = None if status is None else {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}",
-                                            "body": body}
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response,
-            "error": {"code": code, "message": message, "param": param, "line": lineno}}
-
-
-def _parse(lineno: int, raw: bytes) -> tuple[str | None, dict | None, dict | None]:
-    """-> (custom_id or None, the line, an error record if the line is not a usable batch request)."""
-    try:
-        line = json.loads(raw)
-    except ValueError as e:
-        return None, None, _line_error(lineno, None, "invalid_json", f"line {lineno} is not valid JSON ({e})")
-    cid = line.get("custom_id") if isinstance(line, dict) else None
-    if not isinstance(cid, str) or not cid:
-        return None, None, _line_error(lineno, None, "invalid_request",
-                                       f"line {lineno} needs to be a JSON object with a non-empty string `custom_id`")
-    if line.get("method", "POST") != "POST":
-        return cid, line, _line_error(lineno, cid, "invalid_method", f"method must be POST, not {line['method']!r}")
-    if line.get("url") not in _URLS:
-        return cid, line, _line_error(lineno, cid, "invalid_url",
-                                      f"url must be one of {sorted(_URLS)}, not {line.get('url')!r}")
-    if not isinstance(line.get("body"), dict):
-        return cid, line, _line_error(lineno, cid, "missing_body", "the line needs a `body` object (the request)")
-    return cid, line, None
-
-
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise TidalError("this model has no chat template; use /v1/completions lines", param="messages")
-    try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    except Exception as e:   # jinja's TemplateError and the tokenizer's ValueError: the messages' fault
-        if isinstance(e, (ValueError, TypeError, KeyError)) or type(e).__module__.startswith("jinja2"):
-            raise TidalError(f"the chat template rejected these messages: {e}", param="messages")
-        raise
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def _prepare(ctx: _Ctx, cid: str, line: dict) -> tuple[_Job, object]:
-    """Validate the body like the server does -> (job, SamplingParams); raises on a bad body."""
-    from tidal.server import serving_chat
-    from tidal.server.common import check_fits, sampling_params
-    from tidal.server.errors import APIError
-    from tidal.server.protocol import ChatCompletionRequest, CompletionRequest
-    chat = line["url"] == "/v1/chat/completions"
-    req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(line["body"])
-    if chat:
-        if req.tools or req.tool_choice not in (None, "none", "auto"):
-            raise APIError("tools / function calling is not supported yet; drop `tools`", param="tools")
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
-        prompts = [_chat_ids(ctx.tokenizer, serving_chat._messages(req), req.add_generation_prompt)]
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.n)
-    else:
-        if req.suffix or (req.best_of is not None and req.best_of != req.n):
-            raise APIError("suffix and best_of (other than n) are not supported; drop them", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise APIError("echo together with logprobs is not supported yet", param="echo")
-        items = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
-            else list(req.prompt)
-        prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
-        if not prompts or not all(prompts):
-            raise APIError("`prompt` is empty; give at least one token", param="prompt")
-        params = sampling_params(req, req.max_tokens, req.logprobs, req.n)
-    for ids in prompts:
-        check_fits(ctx, len(ids), params)
-    return _Job(cid, chat, req, prompts), params
-
-
-def _success(ctx: _Ctx, job: _Job, model: str) -> tuple[dict, int]:
-    from tidal.server import serving_chat, serving_completions
-    req, choices, completion_tokens = job.req, [], 0
-    for i, final in enumerate(job.finals):
-        for c in final.outputs:
-            completion_tokens += len(c.token_ids)
-            choice = {"index": i * req.n + c.index, "logprobs": None, "finish_reason": c.finish_reason,
-                      "stop_reason": c.stop_reason}
-            if job.chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
-                if req.logprobs:
-                    choice["logprobs"] = serving_chat._logprobs(ctx, c.token_ids, c.logprobs, req.top_logprobs or 0)
-            else:
-                choice["text"] = (ctx.tokenizer.decode(job.prompts[i]) if req.echo else "") + c.text
-                if c.logprobs is not None:
-                    choice["logprobs"] = serving_completions._logprobs(ctx, c.token_ids, c.logprobs, 0)
-            choices.append(choice)
-    prompt_tokens = sum(len(p) for p in job.prompts)
-    body = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
-    record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": job.custom_id,
-              "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body}, "error": None}
-    return record, completion_tokens
 
 
 def process(engine, in_path: str, out_path: str, done: Done | None = None, max_in_flight: int | None = None,

@@ -1,11 +1,12 @@
-"""Sampling parameters and the batched logits pipeline.
+"""The batched logits pipeline: a step's `SamplingParams` -> token ids.
 
-Owns: `SamplingParams` (one request's sampling knobs, validated in __post_init__),
-`SamplingMetadata` (those knobs as [B] tensors for one step), and `Sampler` (logits [B, V]
--> token ids, with logprobs). The pipeline runs on whole batches with no Python loop over
-rows and no host sync: penalties (repetition, presence, frequency) -> min_tokens mask ->
+Owns: `SamplingMetadata` (the batch's `SamplingParams` as [B] tensors for one step) and `Sampler`
+(logits [B, V] -> token ids, with logprobs). The pipeline runs on whole batches with no Python
+loop over rows and no host sync: penalties (repetition, presence, frequency) -> min_tokens mask ->
 greedy argmax | temperature -> top-k -> top-p -> min-p -> draw. Seeded draws come from
 `sampling_rng`, so a row's token depends only on its logits, its seed and its step.
+`SamplingParams` itself (one request's knobs and their validation) lives in sampling_params.py;
+`from tidal.sampling import SamplingParams` keeps working, as the rest of tidal imports it so.
 Must not: touch the model, KV cache or scheduler; stop-condition checks and detokenization
 belong to the engine.
 """
@@ -16,89 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tidal.errors import TidalError
+from tidal.sampling_params import SamplingParams
 from tidal.sampling_rng import draw, to_int64_seed
-
-# Below this a temperature is treated as greedy: dividing by it would overflow float32.
-_GREEDY_EPS = 1e-5
-_MAX_LOGPROBS = 20
-
-
-def _check(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise TidalError(message, param=param)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-
-
-@dataclass
-class SamplingParams:
-    n: int = 1
-    max_tokens: int | None = 16  # None = until the context limit
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1 = disabled
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # HF semantics, over prompt + output tokens
-    presence_penalty: float = 0.0  # OpenAI semantics, over output tokens
-    frequency_penalty: float = 0.0
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    seed: int | None = None
-    logprobs: int | None = None  # top logprobs per generated token (0 = only the chosen token's)
-    prompt_logprobs: int | None = None
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-
-    def __post_init__(self):
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
-               "stop must be a non-empty string or a list of non-empty strings")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               "stop_token_ids must be a list of non-negative token ids")
-        _check(_is_int(self.n) and self.n >= 1, "n", f"n must be an integer >= 1, got {self.n!r}")
-        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
-               f"max_tokens must be an integer >= 1 (or null for no limit), got {self.max_tokens!r}")
-        _check(_is_num(self.temperature) and 0 <= self.temperature < math.inf, "temperature",
-               f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p",
-               f"top_p must be in (0, 1] (1 = disabled), got {self.top_p!r}")
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k",
-               f"top_k must be an integer >= 1, or 0 / -1 to disable it, got {self.top_k!r}")
-        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p",
-               f"min_p must be in [0, 1] (0 = disabled), got {self.min_p!r}")
-        _check(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf, "repetition_penalty",
-               f"repetition_penalty must be a number > 0 (1 = disabled), got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            _check(_is_num(v) and -2 <= v <= 2, name, f"{name} must be in [-2, 2], got {v!r}")
-        _check(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer, got {self.seed!r}")
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(self, name)
-            _check(v is None or (_is_int(v) and 0 <= v <= _MAX_LOGPROBS), name,
-                   f"{name} must be an integer in [0, {_MAX_LOGPROBS}], got {v!r}")
-        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
-               f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS
 
 
 @dataclass

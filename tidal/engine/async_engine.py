@@ -1,10 +1,9 @@
 """The engine behind the server: `LLMEngine.step()` in a background thread, driven from asyncio.
 
-Owns: `EngineFrontend` (the interface the server uses: add_request / generate / abort / stats /
-shutdown / is_running), `AsyncEngine` (that interface over an engine thread in this process; its
-`from_config(..., process=True)` gives engine_proc's process-backed one instead), the command
-queue that carries adds and aborts into the thread, and `RequestStream`, one request's outputs
-handed back to the asyncio loop that asked for them.
+Owns: `AsyncEngine` (frontend.py's `EngineFrontend` over an engine thread in this process; its
+`from_config(..., process=True)` gives engine_proc's process-backed one instead) and the command
+queue that carries adds and aborts into the thread. `EngineFrontend`, `RequestStream` and
+`EngineUnavailable` live in frontend.py and stay importable from here.
 Only the engine thread touches the `LLMEngine` (it is not thread-safe); other threads talk to it
 through the command queue and read a stats snapshot the thread publishes after every step, so a
 busy engine never blocks the event loop, /health or new connections.
@@ -12,114 +11,18 @@ Must not: know about HTTP, JSON or tokenization of requests (the server owns tho
 """
 from __future__ import annotations
 
-import abc
 import asyncio
 import logging
 import threading
 import time
-from typing import AsyncIterator
 
 from tidal.config import EngineConfig
+from tidal.engine.frontend import EngineFrontend, EngineUnavailable, RequestStream, _call, _deliver, _resolve
 from tidal.engine.llm_engine import LLMEngine
 from tidal.errors import TidalError
 from tidal.outputs import RequestOutput
-from tidal.sampling import SamplingParams
 
 logger = logging.getLogger("tidal.engine")
-
-
-class EngineUnavailable(RuntimeError):
-    """The engine is shutting down or its thread died; the request was not (or no longer is) served."""
-
-
-class RequestStream:
-    """Outputs of one request, in step order, for the asyncio loop that added it. Iterating ends
-    after the output with `finished=True`; an engine failure is raised from `__anext__`."""
-
-    def __init__(self, engine: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop):
-        self.request_id = request_id
-        self.loop = loop
-        self.finished = False
-        self._engine = engine
-        self._queue: asyncio.Queue = asyncio.Queue()
-
-    def _put(self, item) -> None:   # runs on self.loop
-        self._queue.put_nowait(item)
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
-
-    def abort(self) -> None:
-        """Stop the request (its KV blocks return to the pool); a no-op once it has finished."""
-        if not self.finished:
-            self.finished = True
-            self._engine._submit(("abort", self.request_id))
-
-
-class EngineFrontend(abc.ABC):
-    """What the server calls: add_request / generate / abort / stats. Subclasses carry commands to
-    the engine (`_submit`) and say whether it runs (`is_running`): a thread here, a process in
-    engine_proc.py."""
-
-    tokenizer = None
-    max_model_len: int
-    kv_capacity_tokens: int
-    vocab_size: int | None = None
-    _accepting = True
-    _stats: dict
-
-    @property
-    @abc.abstractmethod
-    def is_running(self) -> bool: ...
-
-    @abc.abstractmethod
-    def _submit(self, command: tuple) -> None: ...
-
-    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          priority: int = 0) -> RequestStream:
-        """Queue a request and wait until the engine has admitted it. Raises TidalError for a request
-        the engine rejects (prompt too long, ...) and EngineUnavailable when it is shutting down."""
-        if not self._accepting or not self.is_running:
-            raise EngineUnavailable("the engine is shutting down or has stopped; retry on another replica")
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id, loop)
-        admitted = loop.create_future()
-        self._submit(("add", stream, admitted, list(prompt_token_ids), params, priority))
-        try:
-            await admitted
-        except asyncio.CancelledError:
-            # The caller went away between queueing and admission: make sure nothing keeps running.
-            stream.abort()
-            raise
-        return stream
-
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(request_id, prompt_token_ids, params, priority)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()   # closed or cancelled early: free the request's blocks now
-
-    async def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id))
-
-    def stats(self) -> dict:
-        """Latest snapshot from the engine: num_running, num_waiting, kv (used, total, usage,
-        prefix_queries, prefix_hits, hit_rate), counters (the engine's stats dict)."""
-        return dict(self._stats)
 
 
 class AsyncEngine(EngineFrontend):
@@ -259,28 +162,6 @@ class AsyncEngine(EngineFrontend):
         e = self.engine
         return {"num_running": e.num_running, "num_waiting": e.num_waiting, "kv": e.kv_stats(),
                 "counters": dict(e.stats), "num_streams": len(self._streams), "last_step_seconds": step_seconds}
-
-
-def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-        return True
-    except RuntimeError:   # the loop is closed
-        return False
-
-
-def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():   # the waiter was cancelled
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _deliver(items: list) -> None:
-    for stream, item in items:
-        stream._put(item)
 
 
 __all__ = ["AsyncEngine", "EngineFrontend", "RequestStream", "EngineUnavailable", "TidalError"]

@@ -1,19 +1,18 @@
 """The engine in its own process, over ZeroMQ + msgspec (vLLM v1's split of API server and engine core).
 
-Owns: `ProcessAsyncEngine` (the same interface as the thread-based `AsyncEngine`) and
-`run_engine_core`, the child's loop. The child owns the `LLMEngine` and does nothing but
-add / abort / step, so HTTP, JSON and tokenization in the server process never compete with it
-for a GIL. Parent -> child: a PUSH socket of commands; child -> parent: a PUSH socket carrying
-one message per step (all its outputs plus a stats snapshot). Messages are msgpack lists.
+Owns: `ProcessAsyncEngine` (the same interface as the thread-based `AsyncEngine`): it starts the
+child (`python -m tidal.engine.engine_core`, whose loop `run_engine_core` owns the `LLMEngine` and
+does nothing but add / abort / step, so HTTP, JSON and tokenization in the server process never
+compete with it for a GIL), sends it commands and hands what comes back to the waiting streams.
+Parent -> child: a PUSH socket of commands; child -> parent: a PUSH socket carrying one message
+per step (all its outputs plus a stats snapshot). Messages are msgpack lists.
 Must not: know about HTTP; decide anything the engine decides (admission errors come back from it).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,94 +23,12 @@ import msgspec
 import zmq
 
 from tidal.config import EngineConfig
-from tidal.engine.async_engine import EngineFrontend, EngineUnavailable, RequestStream, _call, _deliver, _resolve
+from tidal.engine.engine_core import _dec, _enc
+from tidal.engine.frontend import EngineFrontend, EngineUnavailable, RequestStream, _call, _deliver, _resolve
 from tidal.errors import TidalError
 from tidal.outputs import RequestOutput
-from tidal.sampling import SamplingParams
 
 logger = logging.getLogger("tidal.engine")
-_enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder()
-
-
-def _snapshot(engine) -> dict:
-    return {"num_running": engine.num_running, "num_waiting": engine.num_waiting, "kv": engine.kv_stats(),
-            "counters": dict(engine.stats), "num_streams": 0, "last_step_seconds": 0.0}
-
-
-def run_engine_core(config_kwargs: dict, cmd_addr: str, out_addr: str, verbose: bool) -> None:
-    """The child process. The parent controls its lifetime (shutdown command), so a Ctrl-C or a
-    SIGTERM sent to the whole process group must not kill it in the middle of a drain."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from tidal.engine.llm_engine import LLMEngine
-    ctx = zmq.Context()
-    cmd, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    cmd.connect(cmd_addr)
-    out.connect(out_addr)
-    parent = os.getppid()
-    try:
-        engine = LLMEngine(EngineConfig(**config_kwargs), verbose=verbose)
-    except Exception as e:   # noqa: BLE001 - reported to the parent, which raises it
-        out.send(_enc.encode(["fatal", getattr(e, "message", str(e)), getattr(e, "param", None),
-                              isinstance(e, TidalError)]))
-        return
-    bm = engine.block_manager
-    out.send(_enc.encode(["ready", engine.max_model_len, bm.num_blocks * bm.block_size, engine.runner.vocab_size,
-                          _snapshot(engine)]))
-    stop = drain = False
-    live: set[str] = set()   # requests added and not yet finished
-    while True:
-        busy = engine.has_unfinished_requests()
-        if not cmd.poll(0 if busy else 1000):
-            if not busy and os.getppid() != parent:   # the parent died without telling us
-                break
-        messages = []
-        while True:
-            try:
-                messages.append(_dec.decode(cmd.recv(zmq.NOBLOCK)))
-            except zmq.Again:
-                break
-        reply = []
-        for m in messages:
-            if m[0] == "add":
-                _, rid, ids, params, priority = m
-                try:
-                    engine.add_request(rid, None, SamplingParams(**params), prompt_token_ids=ids, priority=priority)
-                    live.add(rid)
-                    reply.append(["added", rid])
-                except Exception as e:   # noqa: BLE001 - the request's error, sent to its caller
-                    reply.append(["rejected", rid, getattr(e, "message", str(e)), getattr(e, "param", None),
-                                  isinstance(e, TidalError)])
-            elif m[0] == "shutdown":
-                stop, drain = True, m[1]
-            for rid in ([m[1]] if m[0] == "abort" else list(live) if m[0] == "shutdown" and not drain else []):
-                o = engine.abort_request(rid)
-                live.discard(rid)
-                if o is not None:
-                    reply.append(["output", msgspec.to_builtins(o)])
-        if engine.has_unfinished_requests():
-            try:
-                outputs = engine.step()
-            except Exception as e:   # noqa: BLE001 - an engine bug: fail what is in flight, keep serving
-                logger.exception("engine step failed")
-                outputs = []
-                for rid in list(live):
-                    engine.abort_request(rid)
-                    reply.append(["failed", rid, f"engine step failed: {type(e).__name__}: {e}"])
-                live.clear()
-            for o in outputs:
-                if o.finished:
-                    live.discard(o.request_id)
-                reply.append(["output", msgspec.to_builtins(o)])
-        if reply or messages:
-            out.send(_enc.encode(["batch", reply, _snapshot(engine)]))
-        if stop and not engine.has_unfinished_requests():
-            break
-    out.send(_enc.encode(["stopped"]))
-    out.close(linger=2000)
-    cmd.close(linger=0)
-    ctx.term()
 
 
 class ProcessAsyncEngine(EngineFrontend):
@@ -130,7 +47,7 @@ class ProcessAsyncEngine(EngineFrontend):
         kwargs = {f.name: getattr(config, f.name) for f in fields(config)}
         # A fresh interpreter (`python -m`), not multiprocessing: spawn would re-import the caller's
         # __main__, which breaks any script without an `if __name__ == "__main__"` guard.
-        self._proc = subprocess.Popen([sys.executable, "-m", "tidal.engine.engine_proc", json.dumps(kwargs),
+        self._proc = subprocess.Popen([sys.executable, "-m", "tidal.engine.engine_core", json.dumps(kwargs),
                                        cmd_addr, out_addr, "1" if verbose else "0"])
         try:
             self._await_ready(startup_timeout)
@@ -258,7 +175,3 @@ def _load_tokenizer(config: EngineConfig):
         return AutoTokenizer.from_pretrained(config.tokenizer)
     from tidal.weights.loader import open_checkpoint
     return open_checkpoint(config.model, require_weights=False).load_tokenizer()
-
-
-if __name__ == "__main__":
-    run_engine_core(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1")

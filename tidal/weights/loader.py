@@ -2,7 +2,7 @@
 
 Owns: resolving `--model` (alias, .gguf file, HF checkpoint directory, hub id) to a local path, and
 `Checkpoint`: the transformers config, a tokenizer directory, and an iterator of (HF parameter name,
-CPU tensor) pairs. GGUF specifics (cache, names, dequantization) live in gguf_file.py.
+CPU tensor) pairs. GGUF specifics (cache, names) live in gguf_file.py, its dequantization in gguf_dequant.py.
 Must not: decide which architectures tidal supports (the model registry does), build modules, or
 place tensors on devices (weights/placement.py does).
 """
