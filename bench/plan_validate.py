@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--load-format", default="auto", help="dummy: random weights (a config-only --model dir)")
     ap.add_argument("--json", dest="json_path", default="bench/out/plan_validate.json")
     args = ap.parse_args(argv)
-    from tidal.bench import machine, versions
+    from tidal.bench_record import machine, versions
     from tidal.errors import TidalError
     from tidal.plan.hardware import get_profile, load_profile
     profile = load_profile(args.hardware) if args.hardware else get_profile("cpu")[0]

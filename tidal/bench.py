@@ -1,9 +1,9 @@
-"""Benchmarks: the shared workload, the JSON record, and the `tidal bench ...` subcommands.
+"""Benchmarks: the shared workload and the `tidal bench ...` subcommands (the JSON record and the
+table: bench_record.py).
 
 Owns: generating a throughput workload (random token ids from a seed, or a JSONL dataset) that
-tidal and the peer runners in bench/peers/ all replay, the record every benchmark writes
-(workload, engine, versions, machine, results, date), the printed table, and the registry of
-`tidal bench` subcommands (`throughput`, `compare`; `register_bench_command` adds more, e.g. `serve`).
+tidal and the peer runners in bench/peers/ all replay, and the registry of `tidal bench`
+subcommands (`throughput`, `compare`; `register_bench_command` adds more, e.g. `serve`).
 Must not: change engine behaviour; it only drives `LLM.generate` and times it.
 """
 from __future__ import annotations
@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 
+from tidal.bench_record import format_table, make_record, make_results, write_record  # noqa: F401 (API)
 from tidal.errors import TidalError
 
 DEFAULT_NUM_PROMPTS, DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN = 64, (100, 512), (64, 256)
@@ -104,83 +102,6 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 def workload_from_args(args, vocab_size: int, tokenizer=None) -> Workload:
     return make_workload(args.num_prompts, args.input_len, args.output_len, args.seed, vocab_size,
                          args.dataset, tokenizer)
-
-
-# ---- the record ------------------------------------------------------------------------------
-def versions(**extra) -> dict:
-    import importlib.metadata as md
-
-    def version(dist):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
-    return {"python": platform.python_version(), **{d: version(d) for d in ("torch", "transformers", "tidal")}, **extra}
-
-
-def machine() -> dict:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    # load average at the end of the run: on a shared machine it says how noisy the figures are
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def make_results(workload: Workload, elapsed_s: float, load_s: float | None, output_tokens: int | None = None,
-                 **extra) -> dict:
-    """Rates over the timed generation only (load excluded); output_tokens defaults to the workload's.
-    Runners also pass cpu_s (process CPU time while timed): on a shared machine, elapsed/cpu shows contention."""
-    out = workload.summary()["total_output_tokens"] if output_tokens is None else output_tokens
-    total = out + workload.summary()["total_input_tokens"]
-    return {"elapsed_s": round(elapsed_s, 3), "requests_per_s": round(len(workload.prompts) / elapsed_s, 4),
-            "output_tokens_per_s": round(out / elapsed_s, 2), "total_tokens_per_s": round(total / elapsed_s, 2),
-            "output_tokens": out, "load_s": None if load_s is None else round(load_s, 3), **extra}
-
-
-def make_record(workload: Workload, engine: dict, results: dict, extra_versions: dict | None = None) -> dict:
-    return {"benchmark": "throughput", "workload": workload.summary(), "engine": engine,
-            "versions": versions(**(extra_versions or {})), "machine": machine(), "results": results,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def write_record(record: dict, path: str | None) -> None:
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-
-
-def _label(r: dict) -> str:
-    e = r["engine"]
-    extra = f" bs={e['batch_size']}" if e.get("batch_size") else ""
-    return f"{e['name']} {e.get('dtype', '')}{extra}".strip()
-
-
-def format_table(records: list[dict]) -> str:
-    """One column per record, one row per figure: the side-by-side view."""
-    w = records[0]["workload"]
-    head = (f"workload: {w['num_prompts']} prompts, input {w['input_len'][0]}-{w['input_len'][1]} "
-            f"({w['total_input_tokens']} tok), output {w['output_len'][0]}-{w['output_len'][1]} "
-            f"({w['total_output_tokens']} tok), seed {w['seed']}, fingerprint {w['fingerprint']}")
-    if any(r["workload"]["fingerprint"] != w["fingerprint"] for r in records):
-        head += "\nWARNING: the records ran different workloads; they do not compare"
-    rows = [("", [_label(r) for r in records])]
-    for key, name in (("output_tokens_per_s", "output tok/s"), ("total_tokens_per_s", "total tok/s"),
-                      ("requests_per_s", "requests/s"), ("elapsed_s", "elapsed s"), ("cpu_s", "cpu s"),
-                      ("load_s", "load s")):
-        rows.append((name, ["-" if r["results"].get(key) is None else f"{r['results'][key]:,.2f}" for r in records]))
-    width = max(12, *(len(c) for _, cells in rows for c in cells))
-    lines = [f"{name:<14}" + "".join(f"{c:>{width + 2}}" for c in cells) for name, cells in rows]
-    return "\n".join([head] + lines)
 
 
 # ---- `tidal bench` subcommands ---------------------------------------------------------------
