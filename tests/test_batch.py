@@ -188,3 +188,17 @@ def test_output_is_locked_and_damage_is_refused(tmp_path):
     out.write_text(good + '{"id": "batch_req_2", "custom_id": "b", "resp')
     done = scan_output(str(out))
     assert out.read_text() == good and done.ids == {"a"} and done.records == 1
+
+
+def test_planning_hint_reads_the_workload_from_the_file(tmp_path):
+    """Under a memory budget, --policy auto plans for the batch file's own lengths."""
+    from tidal.batch import planning_hint
+    path = tmp_path / "in.jsonl"
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "m", "prompt": "x" * 400, "max_tokens": 100}},
+             {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "m", "messages": [{"role": "user", "content": "y" * 200}], "max_tokens": 50}}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    assert planning_hint(str(path)) == {"prompt_len": 75, "gen_len": 75}
+    (tmp_path / "empty.jsonl").write_text("")
+    assert planning_hint(str(tmp_path / "empty.jsonl")) == {}

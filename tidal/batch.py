@@ -50,6 +50,8 @@ def run_batch(args, engine_kwargs: dict) -> int:
     out = _Writer(args.output)   # lock, then read: a busy or damaged OUT fails before the model loads
     try:
         done = scan_output(args.output)
+        if engine_kwargs.get("host_mem") or engine_kwargs.get("device_mem"):  # --policy auto plans for this file
+            engine_kwargs = {**planning_hint(args.input), **engine_kwargs}
         engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs), verbose=True)
     except BaseException:
         out.close()
@@ -58,6 +60,33 @@ def run_batch(args, engine_kwargs: dict) -> int:
                     progress=not args.no_progress, out=out)
     print(summary(stats), file=sys.stderr)
     return 130 if stats["interrupted"] else 0
+
+
+def planning_hint(path: str, sample: int = 1000) -> dict:
+    """{"prompt_len", "gen_len"} for the offloading planner from the first `sample` lines of a batch
+    file: mean prompt characters / 4 (about a token each) and mean max_tokens; {} when unreadable."""
+    import json
+    chars, gens = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if i >= sample:
+                break
+            try:
+                body = json.loads(line).get("body") or {}
+            except (ValueError, AttributeError):
+                continue
+            text = body.get("prompt") if "prompt" in body else \
+                " ".join(str(m.get("content", "")) for m in body.get("messages") or [] if isinstance(m, dict))
+            chars.append(len(text) if isinstance(text, str) else len(json.dumps(text)))
+            n = body.get("max_completion_tokens") or body.get("max_tokens")
+            if isinstance(n, int) and n > 0:
+                gens.append(n)
+    hint = {}
+    if chars:
+        hint["prompt_len"] = max(1, round(sum(chars) / len(chars) / 4))
+    if gens:
+        hint["gen_len"] = max(1, round(sum(gens) / len(gens)))
+    return hint
 
 
 def main(argv: list[str] | None = None) -> int:
