@@ -13,7 +13,7 @@ from transformers import LlamaConfig, OPTConfig
 from tidal.config import EngineConfig
 from tidal.errors import TidalError
 from tidal.plan.cost_model import CostModel, predict
-from tidal.plan.hardware import HardwareProfile, get_profile, load_profile, profile_path, save_profile
+from tidal.plan.hardware import get_profile, load_profile, profile_path, save_profile
 from tidal.plan.model_spec import model_spec
 from tidal.plan.policy import Policy
 from tidal.plan.search import choose_policy, limits_for, search

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from tidal.bench_record import format_table, make_record, make_results, write_record  # noqa: F401 (API)
+from tidal.bench_record import format_table, make_record, make_results, write_record
 from tidal.errors import TidalError
 
 DEFAULT_NUM_PROMPTS, DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN = 64, (100, 512), (64, 256)

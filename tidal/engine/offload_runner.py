@@ -45,7 +45,8 @@ def resolve_policy(config, hf_config, max_model_len: int, checkpoint) -> tuple[P
         return Policy(), None  # no limit given: everything resident
     from tidal.plan.hardware import profile_for
     from tidal.plan.model_spec import model_spec
-    from tidal.plan.search import choose_policy, disk_limit_for
+    from tidal.plan.limits import disk_limit_for
+    from tidal.plan.search import choose_policy
     profile, _, _ = profile_for(config)
     prompt_len, gen_len = planned_workload(config, max_model_len)
     max_batch = config.max_num_seqs

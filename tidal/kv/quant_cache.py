@@ -14,6 +14,7 @@ Layout per layer, for K and for V alike (int4 bytes hold two values in weights/q
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass
 
@@ -110,9 +111,7 @@ def _mapped_zeros(path: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor backed by a file (MAP_SHARED): the kernel pages it to disk under memory
     pressure. The file is unlinked at once; its space is freed when the mapping goes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     try:
         with open(path, "wb") as f:
             f.truncate(numel * dtype.itemsize)          # sparse: reads as zeros

@@ -76,7 +76,8 @@ def run(args) -> int:
     from tidal.plan.cost_model import predict
     from tidal.plan.model_spec import model_spec
     from tidal.plan.policy import Policy
-    from tidal.plan.search import choose_policy, disk_limit_for, fits, limits_for
+    from tidal.plan.limits import disk_limit_for, fits, limits_for
+    from tidal.plan.search import choose_policy
 
     kwargs = {n: getattr(args, n) for n in _ENGINE if getattr(args, n, None) is not None}
     cfg = EngineConfig.from_kwargs(**kwargs)
@@ -112,23 +113,15 @@ def run(args) -> int:
     return 0
 
 
-def _size(b: float | None) -> str:
-    if b is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= scale:
-            return f"{b / scale:,.1f} {unit}"
-    return f"{b:,.0f} B"
-
-
 def format_report(cfg, hf_config, pred, prof_path: str, prof, prompt_len: int, gen_len: int) -> str:
     from tidal.plan.model_spec import model_spec
+    from tidal.plan.limits import format_bytes as size
     spec = model_spec(hf_config)
     dt = str(cfg.torch_dtype).removeprefix("torch.")
     p = pred.policy
     lines = [
         f"model      {cfg.model} ({spec.arch}, {spec.num_layers} layers, "
-        f"{_size(spec.weight_bytes(cfg.torch_dtype.itemsize))}"
+        f"{size(spec.weight_bytes(cfg.torch_dtype.itemsize))}"
         f" of weights in {dt}), on {cfg.torch_device}",
         f"workload   prompt {prompt_len} + generate {gen_len} tokens a sequence",
         f"hardware   {prof_path} (measured {prof.measured_at or '?'})",
@@ -142,10 +135,10 @@ def format_report(cfg, hf_config, pred, prof_path: str, prof, prompt_len: int, g
     ]
     for tier, parts in pred.memory_parts.items():
         lim = pred.limits.get(tier)
-        lines.append(f"{tier:<8}{_size(lim):>12}{_size(parts['weights']):>12}{_size(parts['kv']):>12}"
-                     f"{_size(parts['act']):>13}{_size(parts['buffers']):>12}{_size(pred.memory[tier]):>12}")
+        lines.append(f"{tier:<8}{size(lim):>12}{size(parts['weights']):>12}{size(parts['kv']):>12}"
+                     f"{size(parts['act']):>13}{size(parts['buffers']):>12}{size(pred.memory[tier]):>12}")
     if pred.limits.get("ram") is not None:
-        lines.append(f"(device and host are the same RAM here: together at most {_size(pred.limits['ram'])})")
+        lines.append(f"(device and host are the same RAM here: together at most {size(pred.limits['ram'])})")
     return "\n".join(lines)
 
 

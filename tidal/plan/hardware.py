@@ -3,8 +3,9 @@
 Owns: `HardwareProfile` (matmul FLOP/s and weight-streaming bandwidth per weight format on the
 device and on the CPU, decode-attention bandwidth, the four tier links, a decoder layer's dispatch
 overhead, tier capacities), its JSON cache at ~/.cache/tidal/hardware-<hostname>-<device>.json
-(TIDAL_CACHE_DIR overrides the folder; TIDAL_HARDWARE_PROFILE=PATH uses that file instead), `get_profile` (load the cache, or measure with
-microbench.py), and reading free memory and disk space now.
+(TIDAL_CACHE_DIR overrides the folder; TIDAL_HARDWARE_PROFILE=PATH uses that file instead),
+`get_profile` (load the cache, or measure with microbench.py), and reading free memory and disk
+space now.
 Must not: time anything itself (microbench.py does) or know about models and policies.
 On a CPU-only machine the device *is* the host: `unified_memory` is true, host<->device "copies"
 cost nothing in the cost model (their memcpy figure is kept for reference), and only disk streams.

@@ -1,7 +1,8 @@
 """The policy search: a grid over batching and compression, and a linear program for placement.
 
 Owns: `choose_policy` (what `--policy auto` and `tidal plan` call), `search` (every candidate's
-best placement, best first), the LP, the memory limits per tier, and the error when nothing fits.
+best placement, best first) and the LP. The memory limits per tier, and the error when nothing
+fits, are limits.py's.
 For each candidate (micro-batch size, number of micro-batches, weight and KV compression, CPU
 attention) scipy's HiGHS solves, over the nine placement fractions x and per-layer time bounds
 T_pre, T_1..T_K (one per decode segment):
@@ -27,53 +28,14 @@ from scipy.optimize import linprog
 
 from tidal.errors import TidalError
 from tidal.plan.cost_model import CostModel, Prediction, predict
-from tidal.plan.hardware import HardwareProfile, disk_free
+from tidal.plan.hardware import HardwareProfile
+from tidal.plan.limits import KINDS, RUNNER_TIERS, budget_flag, fits, limits_for, nothing_fits
 from tidal.plan.model_spec import ModelSpec, model_spec
 from tidal.plan.policy import TIERS, Policy
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 _QUANT_ORDER = {"none": 0, "int8": 1, "int4": 2}
-# what engine/offload_runner.py can place today: weights and KV on every tier (KV on disk: memory-
-# mapped files), activations on the device; widen these when the runner learns more (the LP and
-# cost model cover all nine)
-RUNNER_TIERS = {"weights": ("device", "host", "disk"), "kv": ("device", "host", "disk"), "act": ("device",)}
-_KINDS = ("weights", "kv", "act")
-
-
-def limits_for(engine_config, profile: HardwareProfile, disk_limit: int | None = None) -> dict[str, float | None]:
-    """Bytes allowed per tier: the flags, else what the profile found free; disk only with --offload-dir
-    (or `disk_limit`, see disk_limit_for).
-
-    On a CPU-only machine (unified memory) device and host are one RAM, and the runner keeps every
-    layer it does not stream resident in it: the budget is the smaller of --device-mem / --host-mem
-    (either one alone, or free RAM), all of it "device"; only the disk tier streams."""
-    if profile.unified_memory:
-        given = [b for b in (engine_config.device_mem_bytes, engine_config.host_mem_bytes) if b]
-        lim = {"device": min(given) if given else profile.device_capacity, "host": 0}
-    else:
-        lim = {"device": engine_config.device_mem_bytes or profile.device_capacity,
-               "host": engine_config.host_mem_bytes or profile.host_capacity}
-    lim["disk"] = disk_limit if disk_limit is not None else disk_free(engine_config.offload_dir)
-    lim["ram"] = profile.host_capacity if profile.unified_memory else None
-    # RAM nobody budgeted: the page cache that keeps offloaded files in memory after a first read
-    lim["spare_ram"] = max(0, profile.host_capacity - lim["host"] - (lim["device"] if profile.unified_memory else 0))
-    return lim
-
-
-def disk_limit_for(engine_config, checkpoint) -> int | None:
-    """The disk tier's room when no --offload-dir is given but the runner can stream layers anyway:
-    a plain safetensors checkpoint (not quantized at load, not dummy) is mapped in place, so its
-    layers may all go to "disk" at no extra space. None otherwise (limits_for's default)."""
-    import shutil
-
-    from tidal.weights.placed_loading import plain_safetensors
-    if engine_config.offload_dir or checkpoint is None:
-        return None
-    if engine_config.load_format != "dummy" and engine_config.quant == "none" \
-            and plain_safetensors(checkpoint) is not None:
-        return shutil.disk_usage(checkpoint.path).total
-    return None
 
 
 def solve_placement(cm: CostModel, limits: dict[str, float | None], tiers: dict = RUNNER_TIERS) -> np.ndarray | None:
@@ -114,7 +76,7 @@ def _solve(cm: CostModel, limits, tiers, streaming: bool) -> tuple[np.ndarray, f
     a_eq = np.zeros((3, 9 + nt))
     for k in range(3):
         a_eq[k, 3 * k:3 * k + 3] = 1.0
-    bounds = [(0, 1 if t in tiers[kind] else 0) for kind in _KINDS for t in TIERS] + [(0, None)] * nt
+    bounds = [(0, 1 if t in tiers[kind] else 0) for kind in KINDS for t in TIERS] + [(0, None)] * nt
     if not streaming:  # every layer resident: no weights stream in (on unified memory, host is resident)
         for t in (("disk",) if cm.hw.unified_memory else ("host", "disk")):
             bounds[TIERS.index(t)] = (0, 0)
@@ -139,13 +101,6 @@ def _to_percent(x: np.ndarray, num_layers: int, floor: bool) -> list[tuple[float
         pd, ph = round(100 * cd, 2), round(100 * ch, 2)
         out.append((pd, round(ph - pd, 2), round(100 - ph, 2)))
     return out
-
-
-def fits(pred: Prediction, limits: dict[str, float | None], rtol: float = 1e-6) -> bool:
-    ok = all(limits.get(t) is None or pred.memory[t] <= limits[t] * (1 + rtol) + 1 for t in TIERS)
-    if limits.get("ram") is not None:
-        ok = ok and pred.memory["device"] + pred.memory["host"] <= limits["ram"] * (1 + rtol) + 1
-    return ok
 
 
 def candidates(max_batch: int, quants, kv_quants, cpu_attention: bool):
@@ -208,46 +163,9 @@ def choose_policy(hf_config, engine_config, prompt_len: int, gen_len: int, profi
     tiers = RUNNER_TIERS if engine_config.offload_dir else {**RUNNER_TIERS, "kv": ("device", "host")}
     found = search(spec, profile, dtype, prompt_len, gen_len, limits, max_batch, quants, kv_quants, progress, tiers)
     if not found:
-        # on a CPU the one RAM budget came from whichever of the two flags was given (limits_for)
-        flag = "--host-mem" if profile.unified_memory and engine_config.host_mem_bytes and \
-            limits["device"] == engine_config.host_mem_bytes else "--device-mem"
-        raise TidalError(_nothing_fits(spec, profile, dtype, prompt_len, gen_len, limits, quants[-1], kv_quants[-1],
+        flag = budget_flag(engine_config, profile)
+        raise TidalError(nothing_fits(spec, profile, dtype, prompt_len, gen_len, limits, quants[-1], kv_quants[-1],
                                        flag), param=flag[2:].replace("-", "_"))
     return found[0].policy, found[0]
 
 
-def _nothing_fits(spec, hw, dtype, prompt_len, gen_len, limits, quant, kv_quant, device_flag="--device-mem") -> str:
-    """What the smallest job (batch 1, the most compression allowed) needs, and which flag to raise."""
-    cand = Policy(batch_size=1, quant=quant, kv_quant=kv_quant)
-    cm = CostModel(spec, hw, dtype, prompt_len, gen_len, cand)
-    mem = cm.memory_terms(streaming=True)
-    x = np.zeros(9)
-    for k, kind in enumerate(_KINDS):   # everything as far from the device as the runner allows
-        allowed = [t for t in RUNNER_TIERS[kind] if t != "disk" or limits["disk"]]
-        x[3 * k + TIERS.index(allowed[-1])] = 1.0
-    need_dev = mem["device"][0] + mem["device"][1] @ x
-    need_host = mem["host"][0] + mem["host"][1] @ x
-    total = cm.total_w + cm.total_kv + cm.total_act + cm.other_w
-    have = " + ".join(f"{t} {_size(limits[t] or 0)}" for t in TIERS)
-    wq = "uncompressed" if quant == "none" else quant
-    kq = "uncompressed" if kv_quant == "none" else kv_quant
-    msg = (f"no offloading policy fits ({have}): the smallest job (batch 1, {wq} weights, {kq} KV cache) "
-           f"needs {_size(total)} in all, at least {_size(need_dev)} of it on the device (resident "
-           f"embeddings and LM head, streaming slots, working buffers)")
-    fixes = []
-    if need_dev > limits["device"]:
-        fixes.append(f"raise {device_flag} to at least {_size(need_dev)}")
-    if need_host > limits["host"] and not hw.unified_memory:
-        fixes.append(f"raise --host-mem to at least {_size(need_host)}")
-    if total > sum(limits[t] or 0 for t in TIERS):
-        fixes.append(f"raise {device_flag if hw.unified_memory else '--host-mem'}" + ("" if limits["disk"] else f", or give --offload-dir on a disk with "
-                                           f"{_size(total)} free"))
-    if not fixes:
-        fixes.append("raise --device-mem or --host-mem")
-    if quant == "none" or kv_quant == "none":
-        fixes.append("allow compression (--quant / --kv-quant int4)")
-    return msg + "; " + ", or ".join(fixes)
-
-
-def _size(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"

@@ -53,10 +53,6 @@ class LayerPrefetcher:
     def _hook(self, i: int):
         return lambda module, args: self.get(i)
 
-    @property
-    def resident_layers(self) -> list[int]:
-        return list(self.bound)
-
     def get(self, i: int) -> None:
         """Make layer i's parameters view its weights on the device; start copying the next layer."""
         s = self._slot_of(i)
