@@ -27,9 +27,18 @@ def assert_one_line_error(proc, *words):
 def test_chat_answers_paris():
     # fp32: in bf16 this prompt's first token is a near tie ("The" 25.5 vs "L" 25.375 in
     # transformers' arithmetic), so one-ulp differences of fused kernels can flip it
-    proc = run_tidal("chat", "What is the capital of France?", "--max-tokens", "24", "--dtype", "float32")
+    proc = run_tidal("chat", "What is the capital of France?", "--max-tokens", "24", "--dtype", "float32",
+                     "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_sampling_flags_have_help():
+    from tidal.cli import build_parser
+    chat = build_parser()._subparsers._group_actions[0].choices["chat"]
+    helps = {a.option_strings[0]: a.help for a in chat._actions if a.option_strings}
+    for flag in ("--max-tokens", "--top-p", "--top-k", "--temperature", "--repetition-penalty", "--seed"):
+        assert helps[flag] and len(helps[flag]) > 10, f"{flag} has no help text"
 
 
 def test_generate_streams_completion():

@@ -27,13 +27,23 @@ def _add_engine_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed
                    help="turn prefix caching off")
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+# What `tidal chat` samples with when neither a flag nor the model's generation config says:
+# moderate sampling (greedy decoding of small chat models loops), a reply of a screen or so.
+_CHAT_FALLBACK = {"temperature": 0.7, "top_p": 0.9}
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int, fallback: str) -> None:
+    g = p.add_argument_group("sampling (unset: the model's generation config, else " + fallback + ")")
+    p.set_defaults(default_max_tokens=max_tokens)
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"most tokens in the reply (default {max_tokens}); it also stops at the end of its turn")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; higher = more varied")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: sample from the smallest set of tokens whose probability reaches this")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1 discourages repeating tokens (HF semantics; default 1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible reply")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -42,10 +52,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _sampling(args):
+def _sampling(args, engine, fallback: dict):
+    """Flags given on the command line, then the model's generation config, then `fallback`."""
     from tidal.sampling import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+    kw = {**fallback, "max_tokens": args.default_max_tokens, **engine.default_sampling, "seed": args.seed}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return SamplingParams(**kw)
 
 
 def _make_engine(args):
@@ -87,7 +101,7 @@ def cmd_chat(args) -> int:
     tok = engine.tokenizer
     if not getattr(tok, "chat_template", None):
         raise TidalError("this model has no chat template; use `tidal generate --prompt ...` instead")
-    params = _sampling(args)
+    params = _sampling(args, engine, _CHAT_FALLBACK)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     def ask(text: str) -> None:
@@ -121,7 +135,7 @@ def cmd_generate(args) -> int:
     ids = engine.tokenizer.encode(args.prompt)
     if args.echo:
         sys.stdout.write(args.prompt)
-    _stream(engine, ids, _sampling(args))
+    _stream(engine, ids, _sampling(args, engine, {"temperature": 0.0}))
     return 0
 
 
@@ -138,14 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="one message; omit for an interactive session")
     p.add_argument("--system", default=None, help="system message")
     _add_engine_flags(p)
-    _add_sampling_flags(p, max_tokens=512)
+    _add_sampling_flags(p, max_tokens=256, fallback="temperature 0.7, top-p 0.9")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="raw text completion of a prompt")
     p.add_argument("--prompt", required=True)
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     _add_engine_flags(p)
-    _add_sampling_flags(p, max_tokens=128)
+    _add_sampling_flags(p, max_tokens=128, fallback="greedy")
     p.set_defaults(func=cmd_generate)
 
     try:

@@ -102,6 +102,7 @@ class EngineConfig:
     gen_len: int = 0                         # (0: 32)
     load_format: str = "auto"
     enforce_eager: bool = False
+    generation_config: str = "auto"          # sampling defaults: the checkpoint's (auto), none (vllm), or a folder
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size > 1024:
@@ -168,4 +169,7 @@ ENGINE_FLAGS = [
     ("prompt_len", int, "typical prompt length, for --policy auto's planner (default 512)"),
     ("gen_len", int, "typical number of generated tokens, for --policy auto's planner (default 32)"),
     ("load_format", str, "auto, or dummy (random weights, no files)"),
+    ("generation_config", str, "default sampling for requests that leave it unset: auto (the checkpoint's "
+                               "generation_config.json; the smollm2 alias: its model card's temperature 0.2, "
+                               "top_p 0.9), vllm (ignore it: temperature 1), or a folder holding one"),
 ]

@@ -31,7 +31,7 @@ class LLM:
         """Prompts are strings, token-id lists, or {"prompt": ...} / {"prompt_token_ids": ...} dicts."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise TidalError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; give one or one each")
@@ -43,6 +43,10 @@ class LLM:
                                     priority=priority[i] if priority else 0)
             ids.append(rid)
         return self._run(ids, use_tqdm)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation-config defaults (what `generate` uses without params)."""
+        return SamplingParams(**self.engine.default_sampling)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:

@@ -1,13 +1,14 @@
 """The engine loop: schedule -> execute -> update.
 
 Owns: `LLMEngine` (add_request / abort_request / step), admission checks (prompt too long,
-cache too small), n > 1 fan-out into sibling requests, stop conditions, incremental
-detokenization into text deltas, KV-block bookkeeping after each step, and the engine stats
-the server's metrics read.
+cache too small), n > 1 fan-out into sibling requests, stop conditions (a grammar's end among
+them), incremental detokenization into text deltas, KV-block bookkeeping after each step, and
+the engine stats the server's metrics read.
 Must not: know about HTTP or threads (the async engine and server sit above it).
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,10 +18,14 @@ from tidal.engine.detokenizer import IncrementalDetokenizer
 from tidal.engine.model_runner import ModelRunner
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler
+from tidal.engine.structured_requests import GrammarRequests
 from tidal.errors import TidalError
 from tidal.kv.block_manager import BlockManager
 from tidal.outputs import CompletionOutput, RequestOutput
 from tidal.sampling import SamplingParams
+from tidal.weights.generation_config import generation_defaults
+
+logger = logging.getLogger("tidal.engine")
 
 
 @dataclass
@@ -43,13 +48,16 @@ class LLMEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
         else:
             self.tokenizer = ckpt.load_tokenizer()
-        self.eos_token_ids = _eos_ids(self.tokenizer, ckpt.hf_config)
+        # the sampling a request leaves unset, from the model's generation config (vLLM's rule)
+        self.default_sampling, extra_eos = generation_defaults(config.model, ckpt.path, config.generation_config)
+        self.eos_token_ids = _eos_ids(self.tokenizer, ckpt.hf_config) | extra_eos
         self.runner.eos_token_ids = self.eos_token_ids
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # an offloading policy's batch: bs sequences in each of mb micro-batches
         max_num_seqs = self.runner.policy.effective_batch or config.max_num_seqs
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, config.max_num_batched_tokens)
+        self.grammars = GrammarRequests(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
         self._rng = random.Random(config.seed)
         self._parents: dict[str, _Parent] = {}
         self._requests: dict[str, Request] = {}
@@ -74,6 +82,7 @@ class LLMEngine:
                 raise TidalError("a request needs a prompt string or prompt token ids", param="prompt")
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         self._check_admission(prompt_token_ids, params)
+        compiled = self.grammars.compile(params)   # a bad grammar is refused here, before anything is added
         now = arrival_time if arrival_time is not None else time.monotonic()
         children = []
         for i in range(params.n):
@@ -86,7 +95,8 @@ class LLMEngine:
                 req.logprobs = []
             children.append(req)
             self._requests[cid] = req
-            self.scheduler.add(req)
+            if compiled is None or self.grammars.attach(req, compiled):
+                self.scheduler.add(req)
         self._parents[request_id] = _Parent(prompt, list(prompt_token_ids), children, now)
         return request_id
 
@@ -131,11 +141,17 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        ready, failed = self.grammars.take_compiled(idle=not self.scheduler.has_work())
+        for req in ready:
+            self.scheduler.add(req)
+        for req in failed:   # validated at add_request, so only an xgrammar bug lands here
+            self._finish(req, "abort")
         batch = self.last_batch = self.scheduler.schedule()
-        touched: set[str] = {r.parent_id for r in batch.preempted}
+        touched: set[str] = {r.parent_id for r in batch.preempted + failed}
         if batch.requests:
             tables = [self.block_manager.get_block_table(r.request_id) for r in batch.requests]
-            samples, prompt_lps = self.runner.execute(batch, tables)
+            samples, prompt_lps = self.runner.execute(
+                batch, tables, self.grammars.bitmask(batch.requests, batch.num_new_tokens))
             now = time.monotonic()
             for req, n in zip(batch.requests, batch.num_new_tokens):
                 req.num_computed_tokens += n
@@ -155,6 +171,9 @@ class LLMEngine:
             parent.first_token_time = parent.first_token_time or now
         req.append_output(token)
         self.stats["generation_tokens"] += 1
+        # the mask allowed only what the grammar accepts; a refusal (every token masked, e.g. min_tokens
+        # banning the only stop the grammar allows) ends the request rather than break its output
+        refused = req.grammar is not None and not req.grammar.accept(token)
         if lp is not None and req.logprobs is not None:
             req.logprobs.append(lp)
             req.cumulative_logprob += lp[token]
@@ -162,11 +181,16 @@ class LLMEngine:
         p = req.params
         n_out = len(req.output_token_ids)
         reason, stop_reason = None, None
-        if stopped:
+        if refused:
+            logger.error("request %s: its grammar refused sampled token %d; aborting it", req.request_id, token)
+            reason = "abort"
+        elif stopped:
             reason, stop_reason = "stop", getattr(req.detokenizer, "stop_reason", None)
         elif n_out >= p.min_tokens and token in (p.stop_token_ids or ()):
             reason, stop_reason = "stop", token
         elif n_out >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif req.grammar is not None and req.grammar.is_terminated:   # the grammar's end: it took a stop token
             reason = "stop"
         elif p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
@@ -187,6 +211,7 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
         self.scheduler.remove(req)
+        self.grammars.discard(req)
         req.status = RequestStatus.FINISHED
         self.stats["finished"] += 1
         self._requests.pop(req.request_id, None)
