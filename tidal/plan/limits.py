@@ -82,7 +82,11 @@ def nothing_fits(spec, hw, dtype, prompt_len, gen_len, limits, quant, kv_quant, 
     need_dev = mem["device"][0] + mem["device"][1] @ x
     need_host = mem["host"][0] + mem["host"][1] @ x
     total = cm.total_w + cm.total_kv + cm.total_act + cm.other_w
-    have = " + ".join(f"{t} {format_bytes(limits[t] or 0)}" for t in TIERS)
+    if hw.unified_memory:   # a CPU: device and host are one RAM, budgeted as the smaller flag
+        have = f"one RAM budget of {format_bytes(limits['device'])} (on a CPU, device and host memory are the " \
+               f"same RAM, so the smaller of --device-mem / --host-mem counts) + disk {format_bytes(limits['disk'] or 0)}"
+    else:
+        have = " + ".join(f"{t} {format_bytes(limits[t] or 0)}" for t in TIERS)
     wq = "uncompressed" if quant == "none" else quant
     kq = "uncompressed" if kv_quant == "none" else kv_quant
     msg = (f"no offloading policy fits ({have}): the smallest job (batch 1, {wq} weights, {kq} KV cache) "
