@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 import time
@@ -107,7 +108,7 @@ def workload_from_args(args, vocab_size: int, tokenizer=None) -> Workload:
 # ---- `tidal bench` subcommands ---------------------------------------------------------------
 _COMMANDS: dict[str, tuple] = {}
 # Modules that register more subcommands when imported; a missing one is skipped (built in parallel).
-PLUGIN_MODULES = ["tidal.server.bench"]
+PLUGIN_MODULES = ["tidal.bench_latency", "tidal.server.bench"]
 
 
 def register_bench_command(name: str, add_args, run, help: str = "") -> None:
@@ -180,14 +181,14 @@ def run_throughput(args, engine_kwargs: dict) -> int:
 def _wait_for_cpu_kernels(cfg) -> None:
     """Time the compiled CPU kernels, not the torch fallback the engine serves with while they build
     in the background (a cold first run would otherwise measure ~2.5x too slow, with the compiler
-    competing for the cores)."""
-    if str(cfg.torch_device) != "cpu":
-        return
+    competing for the cores). cpu.load() says what it waits for, and gives up after a bound."""
+    if str(cfg.torch_device) != "cpu" or os.environ.get("TIDAL_CPU_KERNELS", "1") == "0":
+        return  # =0: the user asked to time the torch ops
     from tidal.kernels import cpu
-    if cpu.ready() is None:
-        print("tidal bench: waiting for the CPU kernels to build (first run only, about a minute)",
-              file=sys.stderr)
-        cpu.load()
+    if cpu.load() is None:
+        raise TidalError("the CPU kernels are not available (the 'CPU kernels unavailable' line above says why), "
+                         "so this benchmark would time the slower torch reference ops; fix the build, or set "
+                         "TIDAL_CPU_KERNELS=0 to benchmark the torch ops knowingly")
 
 
 def _compare_args(p, add_engine_flags) -> None:
@@ -203,7 +204,15 @@ def read_record(path: str) -> dict:
 
 
 def run_compare(args, engine_kwargs: dict) -> int:
-    print(format_table([read_record(p) for p in args.records]))
+    records = [read_record(p) for p in args.records]
+    kinds = {r.get("benchmark", "throughput") for r in records}
+    if len(kinds) > 1:
+        raise TidalError(f"these records are of different benchmarks ({', '.join(sorted(kinds))}); compare like with like")
+    if kinds == {"latency"}:
+        from tidal.bench_latency import format_latency_table
+        print(format_latency_table(records))
+    else:
+        print(format_table(records))
     return 0
 
 
