@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from tidal.plan.cost_model import predict
     from tidal.plan.hardware import load_profile
     from tidal.plan.model_spec import model_spec
-    from tidal.plan.policy import Policy
+    from tidal.policy import Policy
     prof = load_profile(args.hardware)
     print(f"hardware: {prof.device_name} ({args.hardware}); prompt 512, generate 32, fp16")
     print(f"{'model':<10}{'policy':<42}{'FlexGen':>9}{'predicted':>11}{'ratio':>7}  bound (prefill/decode)")

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tidal.bench_latency import format_latency_table, latency_results, latency_workload
+from tidal.bench_latency import latency_results, latency_workload
+from tidal.bench_record import format_latency_table
 from tidal.cli import main
 from tidal.errors import TidalError
 

@@ -14,7 +14,7 @@ from tidal.engine.offload_runner import split_batch
 from tidal.engine.scheduler import ScheduledBatch
 from tidal.kernels import host_kv, torch_ops
 from tidal.kernels.metadata import AttentionMetadata
-from tidal.plan.policy import Policy
+from tidal.policy import Policy
 from tidal.weights.placement import assign_tiers
 
 NUM_LAYERS = 6

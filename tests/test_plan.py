@@ -15,7 +15,7 @@ from tidal.errors import TidalError
 from tidal.plan.cost_model import CostModel, predict
 from tidal.plan.hardware import get_profile, load_profile, profile_path, save_profile
 from tidal.plan.model_spec import model_spec
-from tidal.plan.policy import Policy
+from tidal.policy import Policy
 from tidal.plan.search import choose_policy, limits_for, search
 
 from fake_profiles import GiB, cpu_profile, gpu_profile

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from tidal.bench_record import format_table, make_record, make_results, write_record
+from tidal.bench_record import format_latency_table, format_table, make_record, make_results, write_record
 from tidal.errors import TidalError
 
 DEFAULT_NUM_PROMPTS, DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN = 64, (100, 512), (64, 256)
@@ -209,7 +209,6 @@ def run_compare(args, engine_kwargs: dict) -> int:
     if len(kinds) > 1:
         raise TidalError(f"these records are of different benchmarks ({', '.join(sorted(kinds))}); compare like with like")
     if kinds == {"latency"}:
-        from tidal.bench_latency import format_latency_table
         print(format_latency_table(records))
     else:
         print(format_table(records))

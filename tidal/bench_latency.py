@@ -13,7 +13,7 @@ import statistics
 import time
 
 from tidal.bench import MIN_TOKEN_ID, Workload, _wait_for_cpu_kernels, register_bench_command
-from tidal.bench_record import make_record, write_record
+from tidal.bench_record import format_latency_table, make_record, write_record
 from tidal.errors import TidalError
 
 
@@ -37,19 +37,6 @@ def latency_results(ttfts: list[float], decode_s: list[float], output_len: int, 
             "tpot_ms": round(1000 / statistics.median(decode_rates), 2),
             "ttft_all_s": [round(t, 4) for t in ttfts], "decode_tokens_per_s_all": [round(r, 2) for r in decode_rates],
             "output_tokens": output_len, "load_s": None if load_s is None else round(load_s, 3), **extra}
-
-
-def format_latency_table(records: list[dict]) -> str:
-    w = records[0]["workload"]
-    lines = [f"latency: prompt {w['input_len'][0]} tokens, {w['output_len'][0]} generated, greedy, one stream, "
-             f"median of {w['num_prompts'] - 1}"]
-    label = [f"{r['engine']['name']} {r['engine'].get('dtype', '')}".strip() for r in records]
-    width = max(14, *(len(x) for x in label))
-    lines.append(f"{'':<22}" + "".join(f"{x:>{width + 2}}" for x in label))
-    for key, name in (("ttft_s", "TTFT s"), ("prefill_tokens_per_s", "prefill tok/s"),
-                      ("decode_tokens_per_s", "decode tok/s"), ("tpot_ms", "TPOT ms")):
-        lines.append(f"{name:<22}" + "".join(f"{r['results'].get(key, '-'):>{width + 2},}" for r in records))
-    return "\n".join(lines)
 
 
 def _latency_args(p, add_engine_flags) -> None:

@@ -1,7 +1,7 @@
 """The record every benchmark writes, and the side-by-side table of records.
 
 Owns: `make_results` (rates over the timed part), `make_record` (workload, engine, versions, machine,
-results, date), `write_record`, and `format_table`. tidal.bench and the peer runners in bench/peers/
+results, date), `write_record`, and `format_table` / `format_latency_table`. tidal.bench and the peer runners in bench/peers/
 all write through these, so their JSON files compare.
 Must not: run anything it times; import the engine.
 """
@@ -87,3 +87,16 @@ def format_table(records: list[dict]) -> str:
     width = max(12, *(len(c) for _, cells in rows for c in cells))
     lines = [f"{name:<14}" + "".join(f"{c:>{width + 2}}" for c in cells) for name, cells in rows]
     return "\n".join([head] + lines)
+
+
+def format_latency_table(records: list[dict]) -> str:
+    w = records[0]["workload"]
+    lines = [f"latency: prompt {w['input_len'][0]} tokens, {w['output_len'][0]} generated, greedy, one stream, "
+             f"median of {w['num_prompts'] - 1}"]
+    label = [f"{r['engine']['name']} {r['engine'].get('dtype', '')}".strip() for r in records]
+    width = max(14, *(len(x) for x in label))
+    lines.append(f"{'':<22}" + "".join(f"{x:>{width + 2}}" for x in label))
+    for key, name in (("ttft_s", "TTFT s"), ("prefill_tokens_per_s", "prefill tok/s"),
+                      ("decode_tokens_per_s", "decode tok/s"), ("tpot_ms", "TPOT ms")):
+        lines.append(f"{name:<22}" + "".join(f"{r['results'].get(key, '-'):>{width + 2},}" for r in records))
+    return "\n".join(lines)

@@ -119,7 +119,7 @@ class EngineConfig:
             if getattr(self, name) not in ("none", "int8", "int4"):
                 raise TidalError(f"--{name.replace('_', '-')} must be none, int8 or int4", param=name)
         if self.policy != "auto":
-            from tidal.plan.policy import Policy
+            from tidal.policy import Policy
             Policy.parse(self.policy)  # a malformed policy fails here, with the accepted forms
         if self.prompt_len < 0 or self.gen_len < 0:
             raise TidalError("--prompt-len and --gen-len must be positive (0: the planner's default)",

@@ -16,7 +16,8 @@ import time
 from tqdm import tqdm
 
 from tidal.bench import add_workload_args, format_table, make_record, make_results, workload_from_args, write_record
-from tidal.bench_latency import format_latency_table, latency_results, latency_workload
+from tidal.bench_latency import latency_results, latency_workload
+from tidal.bench_record import format_latency_table
 from tidal.weights.loader import open_checkpoint, resolve_model_path
 
 

@@ -19,7 +19,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # tidal's workload code
 
 from tidal.bench import add_workload_args, format_table, make_record, make_results, workload_from_args, write_record  # noqa: E402
-from tidal.bench_latency import format_latency_table, latency_results, latency_workload  # noqa: E402
+from tidal.bench_latency import latency_results, latency_workload  # noqa: E402
+from tidal.bench_record import format_latency_table  # noqa: E402
 
 
 def hf_dir_for(model: str) -> str:

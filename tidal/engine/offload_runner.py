@@ -25,7 +25,7 @@ from tidal.errors import TidalError
 from tidal.kernels import get_backend, host_kv
 from tidal.kernels.metadata import forward_context
 from tidal.model.registry import build_model
-from tidal.plan.policy import Policy
+from tidal.policy import Policy
 from tidal.weights.offload_dir import OffloadStore, checkpoint_identity
 from tidal.weights.placed_loading import load_placed
 from tidal.weights.placement import LayerLayout, assign_tiers, shared_tensor_ids, without_layers

@@ -75,7 +75,7 @@ def run(args) -> int:
     from tidal.config import EngineConfig, parse_size
     from tidal.plan.cost_model import predict
     from tidal.plan.model_spec import model_spec
-    from tidal.plan.policy import Policy
+    from tidal.policy import Policy
     from tidal.plan.limits import disk_limit_for, fits, limits_for
     from tidal.plan.search import choose_policy
 

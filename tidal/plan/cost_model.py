@@ -31,7 +31,7 @@ import torch
 
 from tidal.plan.hardware import HardwareProfile
 from tidal.plan.model_spec import ModelSpec
-from tidal.plan.policy import TIERS, Policy
+from tidal.policy import TIERS, Policy
 
 KINDS = ("weights", "kv", "act")
 RESOURCES = ("compute", "h2d", "d2h", "disk_read", "disk_write")

@@ -13,7 +13,7 @@ import numpy as np
 
 from tidal.plan.cost_model import CostModel, Prediction
 from tidal.plan.hardware import HardwareProfile, disk_free
-from tidal.plan.policy import TIERS, Policy
+from tidal.policy import TIERS, Policy
 
 # what engine/offload_runner.py can place today: weights and KV on every tier (KV on disk: memory-
 # mapped files), activations on the device; widen these when the runner learns more (the LP and

@@ -31,7 +31,7 @@ from tidal.plan.cost_model import CostModel, Prediction, predict
 from tidal.plan.hardware import HardwareProfile
 from tidal.plan.limits import KINDS, RUNNER_TIERS, budget_flag, fits, limits_for, nothing_fits
 from tidal.plan.model_spec import ModelSpec, model_spec
-from tidal.plan.policy import TIERS, Policy
+from tidal.policy import TIERS, Policy
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MICRO_BATCHES = (1, 2, 4, 8, 16)
