@@ -65,7 +65,7 @@ def test_weight_bytes_match_built_model(cfg, dtype):
 @pytest.mark.parametrize("quant,bits", [("int4", 4), ("int8", 8)])
 def test_quantized_weight_bytes_match_quant_linear(quant, bits):
     from tidal.model.registry import build_model
-    from tidal.weights.quantize_model import quantize_model
+    from tidal.model.quantize import quantize_model
     cfg = tiny_llama()
     model = build_model(cfg, torch.device("cpu"), torch.bfloat16)
     for p in model.parameters():

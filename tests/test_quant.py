@@ -12,7 +12,7 @@ from tidal.model.layers.linear import Linear, MergedLinear
 from tidal.model.layers.quant_linear import QuantLinear, choose_path
 from tidal.weights.loader import resolve_model_path
 from tidal.weights.quant import dequantize, from_gguf_q4_1, quantize
-from tidal.weights.quantize_model import quantize_model
+from tidal.model.quantize import quantize_model
 
 
 def _weight(out=96, inp=192, seed=0):

@@ -18,7 +18,7 @@ from tidal.kernels import get_backend
 from tidal.model.layers.linear import MergedLinear
 from tidal.model.layers.quant_linear import QuantLinear
 from tidal.quantize import quantize_checkpoint
-from tidal.weights import quantize_model as qm
+from tidal.model import quantize as qm
 from tidal.weights.loader import open_checkpoint
 from tidal.weights.quant import dequantize, quantize
 
@@ -133,8 +133,10 @@ def test_smollm2_dir_contents_and_generate(smol_dir, capfd):
     ckpt = open_checkpoint(smol_dir)
     assert ckpt.quantization["bits"] == 4 and ckpt.num_tensors == 272
     assert ckpt.load_tokenizer().encode("The tide") == open_checkpoint("smollm2").load_tokenizer().encode("The tide")
+    # the directory carries the alias's default sampling (there is no generation config in the GGUF)
+    assert json.load(open(os.path.join(smol_dir, "generation_config.json"))) == {"temperature": 0.2, "top_p": 0.9}
     args = ["generate", "--prompt", "The capital of France is", "--max-tokens", "6", "--dtype", "float32",
-            "--num-kv-blocks", "16"]
+            "--num-kv-blocks", "16", "--temperature", "0"]
     assert main(args + ["--model", smol_dir]) == 0
     from_dir = capfd.readouterr().out
     assert main(args + ["--model", "smollm2", "--quant", "int4"]) == 0

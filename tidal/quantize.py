@@ -51,9 +51,10 @@ def quantize_checkpoint(src: str, dst: str, quant: str = "int4", group_size: int
     from tidal.model.layers.linear import Linear
     from tidal.model.registry import build_model
     from tidal.weights import quantized_dir
+    from tidal.weights.generation_config import generation_defaults, write_generation_config
     from tidal.weights.loader import open_checkpoint
     from tidal.weights.quant import QuantizedWeight, dequantize, quantize
-    from tidal.weights.quantize_model import check_group_sizes
+    from tidal.model.quantize import check_group_sizes
 
     t0 = time.perf_counter()
     bits = {"int4": 4, "int8": 8}.get(quant)
@@ -96,7 +97,7 @@ def quantize_checkpoint(src: str, dst: str, quant: str = "int4", group_size: int
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make DST private
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small elementwise ops: see weights/quantize_model.py
+    torch.set_num_threads(1)  # small elementwise ops: see model/quantize.py
     try:
         writer, num_quantized = quantized_dir.ShardWriter(tmp), 0
         tensors = ckpt.iter_tensors(torch_dtype, keep_quantized=(bits, group_size))
@@ -118,6 +119,8 @@ def quantize_checkpoint(src: str, dst: str, quant: str = "int4", group_size: int
         generation_config = os.path.join(ckpt.path, "generation_config.json")
         if os.path.isfile(generation_config):
             shutil.copy(generation_config, tmp)
+        else:   # an alias's defaults (the GGUF has no file) travel with the directory
+            write_generation_config(tmp, generation_defaults(src, ckpt.path)[0])
         if os.path.isdir(dst):
             os.rmdir(dst)  # empty (checked above)
         os.rename(tmp, dst)

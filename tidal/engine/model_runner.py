@@ -27,7 +27,7 @@ from tidal.model.registry import build_model, get_model_class
 from tidal.sampling import Sampler, SamplingMetadata
 from tidal.weights.dummy import fill_dummy
 from tidal.weights.loader import Checkpoint, open_checkpoint
-from tidal.weights.quantize_model import quantize_model, resolve_quantization
+from tidal.model.quantize import quantize_model, resolve_quantization
 
 
 @dataclass

@@ -3,7 +3,7 @@ by it, and the zig-zag step schedule.
 
 Owns: `resolve_policy` (--policy, or for "auto" all-resident unless --host-mem / --device-mem
 limit memory, then tidal/plan's choice), `build_offloaded_model`
-(a model built on the CPU, filled by weights/placed_loading.py, resident parts quantized and
+(a model built on the CPU, filled by model/placed_loading.py, resident parts quantized and
 packed, a LayerPrefetcher on the streamed layers), and `OffloadSchedule`: a step run layer by
 layer over `num_micro_batches` micro-batches, so each streamed layer is copied in once per step
 and reused by every micro-batch (FlexGen's zig-zag block schedule).
@@ -27,7 +27,7 @@ from tidal.kernels.metadata import forward_context
 from tidal.model.registry import build_model
 from tidal.policy import Policy
 from tidal.weights.offload_dir import OffloadStore, checkpoint_identity
-from tidal.weights.placed_loading import load_placed
+from tidal.model.placed_loading import load_placed
 from tidal.weights.placement import LayerLayout, assign_tiers, shared_tensor_ids, without_layers
 from tidal.weights.prefetch import LayerPrefetcher
 
@@ -73,7 +73,7 @@ def planned_workload(config, max_model_len: int) -> tuple[int, int]:
 def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verbose: bool = False):
     """A model whose decoder layers sit where `policy.weights` says; returns (model, placement,
     prefetcher or None). `quant`: (bits, group size) or None, as the runner resolved it."""
-    from tidal.weights.quantize_model import quantize_model
+    from tidal.model.quantize import quantize_model
     config, dev, dtype, ckpt = runner.config, runner.device, runner.dtype, runner.checkpoint
     model = build_model(runner.hf_config, torch.device("cpu"), dtype, max_position=max_position)
     tiers = assign_tiers([LayerLayout(layer, shared_tensor_ids(model)).nbytes for layer in model.layers],

@@ -54,7 +54,7 @@ def disk_limit_for(engine_config, checkpoint) -> int | None:
     layers may all go to "disk" at no extra space. None otherwise (limits_for's default)."""
     import shutil
 
-    from tidal.weights.placed_loading import plain_safetensors
+    from tidal.weights.loader import plain_safetensors
     if engine_config.offload_dir or checkpoint is None:
         return None
     if engine_config.load_format != "dummy" and engine_config.quant == "none" \

@@ -18,7 +18,7 @@ import torch
 from tidal.errors import TidalError
 from tidal.kv.quant_cache import kv_bytes_per_token
 
-INT4_GROUP_SIZE = 32                         # weights/quantize_model.py's default for int4
+INT4_GROUP_SIZE = 32                         # model/quantize.py's default for int4
 _SCALE_BYTES = {"int4": 4, "int8": 6}        # per group: int4 bf16 scale + zero; int8 bf16 scale + fp32 zero
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
 _LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

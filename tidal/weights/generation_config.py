@@ -1,6 +1,6 @@
 """The model's own sampling defaults: its `generation_config.json`, as vLLM reads it.
 
-Owns: `generation_defaults(checkpoint, source)`, the SamplingParams fields a request leaves unset
+Owns: `generation_defaults(model, checkpoint_path, source)` (and `write_generation_config`), the SamplingParams fields a request leaves unset
 take from the checkpoint (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens), plus
 the extra end-of-turn token ids the generation config lists. `--generation-config auto` (default)
 reads the checkpoint's file; `vllm` ignores it (tidal's and OpenAI's neutral defaults); a folder
@@ -49,6 +49,15 @@ def generation_defaults(model: str, checkpoint_path: str, source: str = "auto") 
         raise TidalError(f"cannot read '{path}' ({type(e).__name__}: {e}); fix the file or pass "
                          "--generation-config vllm", param="generation_config")
     return _defaults_from(raw)
+
+
+def write_generation_config(folder: str, defaults: dict) -> None:
+    """Write `defaults` (SamplingParams field names) as a generation_config.json in `folder` (if any)."""
+    if not defaults:
+        return
+    names = {v: k for k, v in _KEYS.items()}
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump({names[k]: v for k, v in defaults.items()}, f, indent=2)
 
 
 def _defaults_from(raw: dict) -> tuple[dict, set[int]]:

@@ -129,6 +129,13 @@ class Checkpoint:
                     yield name, f.get_tensor(name).to(dtype)
 
 
+def plain_safetensors(checkpoint) -> dict[str, list[str]] | None:
+    """{file: tensor names} when the checkpoint is plain HF safetensors (mappable in place)."""
+    shards = getattr(checkpoint, "_shards", None)
+    ok = getattr(checkpoint, "format", None) == "hf" and getattr(checkpoint, "quantization", None) is None
+    return shards if ok and shards else None
+
+
 def open_checkpoint(model: str, require_weights: bool = True) -> Checkpoint:
     """Resolve `model` and read everything but the tensor data; TidalError if it cannot be used.
 

@@ -6,7 +6,7 @@ the layer's parameters and buffers to views of such a buffer), and `StreamedLaye
 is not resident and where its bytes come from (a pinned host buffer on CUDA, or memory-mapped
 safetensors: the checkpoint's own, or a file in --offload-dir), `host_buffer` (page-locked on
 CUDA) and `copy_serial`. Loading a model into this shape
-is weights/placed_loading.py; copying a streamed layer in before it runs is weights/prefetch.py.
+is model/placed_loading.py; copying a streamed layer in before it runs is weights/prefetch.py.
 Embeddings, the LM head and everything else outside the decoder layers stays resident. On a CPU
 device the host tier is resident too (host == device): only disk layers stream.
 Must not: pick the policy (plan/ and engine/offload_runner.py do), run layers, or read files.

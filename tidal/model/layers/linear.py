@@ -3,7 +3,7 @@
 Owns: `Linear` and `MergedLinear` (QKV, gate-up: several HF weights stacked into one
 matmul). Each parameter knows how to take an HF tensor via `weight_loader(param, tensor, shard)`;
 a weight that arrives already quantized (a QuantizedWeight) is held aside, not dequantized, until
-weights/quantize_model.py swaps the layer for a QuantLinear (`take_quantized`).
+model/quantize.py swaps the layer for a QuantLinear (`take_quantized`).
 Must not: read files (the loader yields tensors) or know model names.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ With `dense_min_rows`, a kernel layer also keeps the QuantizedWeight and sends b
 that many rows down "dequant": the kernels lose to dequantize + bf16 GEMM at a few hundred rows
 (prefill), at the price of holding the weight twice (int4: 0.56 -> 1.1 bytes a parameter).
 Must not: quantize (weights/quant.py does), branch on the device type (the backend does), or know
-which model it sits in (weights/quantize_model.py swaps it in). `TIDAL_QUANT_PATH=<path>` picks a
+which model it sits in (model/quantize.py swaps it in). `TIDAL_QUANT_PATH=<path>` picks a
 path wherever it fits, for debugging and comparisons.
 """
 from __future__ import annotations

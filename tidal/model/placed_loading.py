@@ -3,7 +3,7 @@ streamed layers as placeholders with a source the prefetcher copies from.
 
 Owns: `load_placed` (one pass over the checkpoint, or dummy weights, with at most one streamed
 layer's tensors in memory at a time), staging a layer out to a pinned host buffer or an
---offload-dir file, and mapping an HF safetensors checkpoint in place (`plain_safetensors`).
+--offload-dir file, and mapping an HF safetensors checkpoint in place.
 Must not: pick tiers or the policy, or run layers; it fills tensors through the model's own
 `load_named_weights` / `weight_loader`, so name mapping and fusing stay in model/.
 """
@@ -17,6 +17,7 @@ from torch import nn
 from tidal.errors import TidalError
 from tidal.model.loading import load_named_weights
 from tidal.weights.dummy import fill_dummy
+from tidal.weights.loader import plain_safetensors
 from tidal.weights.placement import (LayerLayout, Placement, StreamedLayer, host_buffer, layer_of, shared_tensor_ids,
                                      without_layers)
 
@@ -35,13 +36,6 @@ class _Subset:
 
     def get_submodule(self, name):
         return self.model.get_submodule(name)
-
-
-def plain_safetensors(checkpoint) -> dict[str, list[str]] | None:
-    """{file: tensor names} when the checkpoint is plain HF safetensors (mappable in place)."""
-    shards = getattr(checkpoint, "_shards", None)
-    ok = getattr(checkpoint, "format", None) == "hf" and getattr(checkpoint, "quantization", None) is None
-    return shards if ok and shards else None
 
 
 def load_placed(model: nn.Module, tiers: list[str], device: torch.device, dtype: torch.dtype, checkpoint,
