@@ -1,8 +1,8 @@
 """One request's sampling knobs: `SamplingParams`, validated in __post_init__.
 
-Owns: the fields and their defaults, their normalisation (`stop` as a list) and range
-checks, each failing with a TidalError that names the parameter, and `greedy` (the temperature
-below which a row takes the argmax).
+Owns: the fields and their defaults, their normalisation (`stop` as a list, `structured_outputs`
+from a dict) and range checks, each failing with a TidalError that names the parameter, and
+`greedy` (the temperature below which a row takes the argmax).
 Must not: import torch or touch logits; turning a batch of these into tensors and sampling from
 them belongs to sampling.py.
 """
@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from tidal.errors import TidalError
+from tidal.structured.params import StructuredOutputsParams
 
 # Below this a temperature is treated as greedy: dividing by it would overflow float32.
 _GREEDY_EPS = 1e-5
@@ -51,8 +52,14 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # a grammar the output must match (JSON schema, regex, choice, EBNF); a dict is converted
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self):
+        if isinstance(self.structured_outputs, dict):   # also how it arrives over msgpack
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "structured_outputs must be a StructuredOutputsParams or a dict of its fields")
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):

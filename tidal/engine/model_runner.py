@@ -25,6 +25,7 @@ from tidal.kernels.metadata import AttentionMetadata, forward_context
 from tidal.kv.quant_cache import allocate_kv_cache, kv_bytes_per_token, kv_file
 from tidal.model.registry import build_model, get_model_class
 from tidal.sampling import Sampler, SamplingMetadata
+from tidal.structured.bitmask import GrammarBitmask, apply_bitmask
 from tidal.weights.dummy import fill_dummy
 from tidal.weights.loader import Checkpoint, open_checkpoint
 from tidal.model.quantize import quantize_model, resolve_quantization
@@ -182,14 +183,16 @@ class ModelRunner:
                            meta, sample_idx, sample_reqs, plp_rows)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> tuple[dict[str, object], dict]:
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]],
+                grammar: GrammarBitmask | None = None) -> tuple[dict[str, object], dict]:
         """Run one step. Returns ({request_id: (token, logprobs)} for requests that reached their last
-        token, {request_id: prompt logprobs of this chunk})."""
+        token, {request_id: prompt logprobs of this chunk}). `grammar`: the allowed tokens of the
+        requests that sample under a grammar (structured output); the other rows are not touched."""
         parts = self.schedule.forward(batch, block_tables) if self.schedule is not None \
             else [self.forward(batch, block_tables)]
-        return self._sample(parts)
+        return self._sample(parts, grammar)
 
-    def _sample(self, parts: list) -> tuple[dict[str, object], dict]:
+    def _sample(self, parts: list, grammar: GrammarBitmask | None = None) -> tuple[dict[str, object], dict]:
         """Sample the rows that need it from [(hidden, BatchLayout)] (one per micro-batch), as one batch."""
         dev = self.device
         prompt_logprobs, rows, sample_reqs = {}, [], []
@@ -202,6 +205,9 @@ class ModelRunner:
         if not sample_reqs:
             return {}, prompt_logprobs
         logits = self.model.compute_logits(torch.cat(rows) if len(rows) > 1 else rows[0]).float()
+        if grammar is not None:   # before penalties and sampling, so greedy and seeded draws both obey it
+            row_of = {r.request_id: i for i, r in enumerate(sample_reqs)}
+            apply_bitmask(logits, [row_of[rid] for rid in grammar.request_ids], grammar)
         smeta = SamplingMetadata.build(
             [r.params for r in sample_reqs], [r.seed for r in sample_reqs],
             [r.prompt_token_ids for r in sample_reqs], [r.output_token_ids for r in sample_reqs],

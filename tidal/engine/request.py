@@ -1,7 +1,7 @@
 """Per-request state inside the engine.
 
 Owns: `Request` (one sequence being generated: its tokens, how many have KV in the cache,
-status, sampling params, seed, detokenizer, timings) and `RequestStatus`.
+status, sampling params, seed, detokenizer, grammar matcher, timings) and `RequestStatus`.
 Must not: allocate blocks or run the model.
 """
 from __future__ import annotations
@@ -42,6 +42,9 @@ class Request:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    # structured/matcher.RequestGrammar when the params ask for structured output. A preempted request
+    # keeps it: recompute re-feeds the same tokens, so the matcher's state stays right.
+    grammar: object = None
 
     def __post_init__(self):
         # prompt + output kept as one list, appended in place: the scheduler, the block manager and
