@@ -1,9 +1,13 @@
 """CPU kernels compiled on first use (torch.utils.cpp_extension), with the torch reference as fallback.
 
-Owns: building and loading the C++ extension in this folder. The first build takes about a
-minute and is cached under ~/.cache/torch_extensions; a machine without a C++ compiler, or
-TIDAL_CPU_KERNELS=0, keeps the torch reference ops.
-Must not: be imported on the hot path before `available()` says the build worked.
+Owns: loading the C++ extension in this folder into this process: `load()` waits for it (visibly,
+at most build.WAIT_S), `load_in_background()` keeps the torch ops until a build finishes and then
+switches, `ready()` says which is in use. The compiling itself happens in a detached builder
+process (build.py), cached per source version and environment under
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions; a killed `tidal chat` does not stop it.
+A machine without ninja or a C++ compiler, or TIDAL_CPU_KERNELS=0, keeps the torch reference ops.
+Must not: be imported on the hot path before `ready()` says the build worked; import build.py at
+import time (`python -m tidal.kernels.cpu.build` runs it as __main__).
 """
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import sys
 import threading
 
 _ext = None
-_tried = False
-_lock = threading.Lock()
+_settled = False  # loaded, or given up on: the answer stays for the life of the process
+_state = threading.Lock()
+_background: threading.Thread | None = None
 
 
 def ready():
@@ -22,67 +27,44 @@ def ready():
 
 
 def load_in_background() -> None:
-    """Start building in a thread: the engine serves with the torch ops meanwhile, so a cold
-    `tidal chat` does not wait for the compiler."""
-    if not _tried and not _lock.locked():
-        threading.Thread(target=load, name="tidal-cpu-kernels", daemon=True).start()
+    """Serve with the torch ops while a builder compiles; a daemon thread loads the kernels once it is
+    done (fast), so a cold `tidal chat` does not wait for the compiler."""
+    global _background
+    from tidal.kernels.cpu import build
+    with _state:
+        if _settled or _background is not None:
+            return
+        _background = threading.Thread(target=_load, args=(build.BUILDER_LIFETIME_S + 60, False),
+                                       name="tidal-cpu-kernels", daemon=True)
+    _background.start()
 
 
-def load():
-    """The compiled module, or None when it cannot be built here (blocks while building)."""
-    global _ext, _tried
-    if _tried:
+def load(timeout: float | None = None):
+    """The compiled module, or None when it cannot be built here or the build takes longer than
+    `timeout` s (default build.WAIT_S); says what it waits for while another process builds."""
+    if _settled:
         return _ext
-    with _lock:
-        if _tried:
-            return _ext
-        _tried = True
-        if os.environ.get("TIDAL_CPU_KERNELS", "1") == "0":
-            return None
-        try:
-            from torch.utils.cpp_extension import load as load_ext
-            here = os.path.dirname(__file__)
-            # paged_decode_quant.cpp registers torch.ops.tidal_kv.paged_decode_quant (quantized KV caches)
-            # fused_ops.cpp: SiLU-and-mul, rotary; rms_norm.cpp: RMSNorm+residual (all bound in paged_decode.cpp)
-            src = [os.path.join(here, f) for f in ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp",
-                                                  "rms_norm.cpp", "prefill_bf16.cpp")]
-            flags = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-            name = _build_name(src + [os.path.join(here, "fused_ops.h"), os.path.join(here, "cpu_common.h"),
-                                 os.path.join(here, "avx512_common.h")], flags)
-            _clear_stale_lock(name)
-            _ext = load_ext(name=name, sources=src, extra_cflags=flags,
-                            extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("TIDAL_VERBOSE")))
-        except Exception as e:  # no compiler, no ninja, odd platform: the torch ops still work
-            print(f"[tidal] CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                  "using torch reference ops", file=sys.stderr)
-            _ext = None
-        return _ext
+    from tidal.kernels.cpu import build
+    return _load(build.WAIT_S if timeout is None else timeout, True)
 
 
-def _build_name(files: list[str], flags: list[str]) -> str:
-    """A build folder per version of the sources: two checkouts (or a git bisect) never rebuild
-    over each other's library, and an edited source never loads a stale one."""
-    import hashlib
-
-    import torch
-    h = hashlib.sha1(" ".join(flags + [torch.__version__]).encode())
-    for f in files:
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    return f"tidal_cpu_kernels_{h.hexdigest()[:10]}"
-
-
-_STALE_LOCK_S = 600  # a build takes 30-75 s; an older lock was left by a process killed mid-build
-
-
-def _clear_stale_lock(name: str) -> None:
-    """torch's builder waits forever on a lock file that a killed build left behind."""
-    import time
+def _load(timeout: float, visible: bool):
+    global _ext, _settled
+    if os.environ.get("TIDAL_CPU_KERNELS", "1") == "0":
+        _settled = True
+        return None
+    from tidal.kernels.cpu import build
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
-            print(f"[tidal] removing a stale CPU-kernel build lock ({lock})", file=sys.stderr)
-            os.remove(lock)
-    except (ImportError, OSError):
-        pass
+        say = (lambda line: print(line, file=sys.stderr, flush=True)) if visible else None
+        so = build.ensure_built(timeout=timeout, say=say)
+        with _state:
+            if not _settled:
+                _ext, _settled = build.import_built(so), True
+    except Exception as e:  # no compiler, no ninja, a build error or timeout: the torch ops still work
+        with _state:
+            if not _settled:
+                _settled = True
+                why = str(e) if isinstance(e, build.BuildError) else f"{type(e).__name__}: {e}"
+                print(f"[tidal] CPU kernels unavailable ({(why.splitlines() or [''])[0][:300]}); "
+                      "using torch reference ops", file=sys.stderr, flush=True)
+    return _ext
