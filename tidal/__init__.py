@@ -15,7 +15,8 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 
 from tidal.errors import TidalError  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "TidalError", "EngineConfig", "LLMEngine", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "TidalError", "EngineConfig", "LLMEngine",
+           "RequestOutput"]
 
 
 def __getattr__(name):
@@ -25,6 +26,9 @@ def __getattr__(name):
     if name == "SamplingParams":
         from tidal.sampling import SamplingParams
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from tidal.structured import StructuredOutputsParams
+        return StructuredOutputsParams
     if name == "EngineConfig":
         from tidal.config import EngineConfig
         return EngineConfig
