@@ -6,12 +6,16 @@ does nothing but add / abort / step, so HTTP, JSON and tokenization in the serve
 compete with it for a GIL), sends it commands and hands what comes back to the waiting streams.
 Parent -> child: a PUSH socket of commands; child -> parent: a PUSH socket carrying one message
 per step (all its outputs plus a stats snapshot). Messages are msgpack lists.
+Lifecycle: the child runs in its own session (group signals reach only this process, which drains
+the child with the shutdown command) and dies with this process (engine_core's `Lifeline`). No send
+here blocks: a dead child fails the requests in flight with EngineUnavailable saying so.
 Must not: know about HTTP; decide anything the engine decides (admission errors come back from it).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -37,18 +41,22 @@ class ProcessAsyncEngine(EngineFrontend):
         cmd_addr, out_addr = f"ipc://{self._dir}/cmd", f"ipc://{self._dir}/out"
         self._ctx = zmq.Context()
         self._cmd, self._out = self._ctx.socket(zmq.PUSH), self._ctx.socket(zmq.PULL)
+        self._cmd.setsockopt(zmq.SNDHWM, 0)   # commands queue while the child steps; sends never wait
         self._cmd.bind(cmd_addr)
         self._out.bind(out_addr)
         self._send_lock = threading.Lock()   # zmq sockets are not thread-safe; requests come from any loop
         self._lock = threading.Lock()        # guards _pending and _streams
         self._pending: dict[str, tuple[RequestStream, object]] = {}
         self._streams: dict[str, RequestStream] = {}
-        self._accepting, self._alive = True, False
+        self._accepting, self._alive, self._stopping = True, False, False
         kwargs = {f.name: getattr(config, f.name) for f in fields(config)}
         # A fresh interpreter (`python -m`), not multiprocessing: spawn would re-import the caller's
         # __main__, which breaks any script without an `if __name__ == "__main__"` guard.
-        self._proc = subprocess.Popen([sys.executable, "-m", "tidal.engine.engine_core", json.dumps(kwargs),
-                                       cmd_addr, out_addr, "1" if verbose else "0"])
+        # The parent-death signal fires when the *thread* that started the child exits, so it is asked
+        # for only from the main thread; elsewhere the child's watchdog alone notices our death.
+        flags = ("v" if verbose else "") + ("p" if threading.current_thread() is threading.main_thread() else "")
+        self._proc = subprocess.Popen([sys.executable, "-m", "tidal.engine.engine_core", str(os.getpid()), self._dir,
+                                       flags, json.dumps(kwargs)], start_new_session=True)
         try:
             self._await_ready(startup_timeout)
             self.tokenizer = _load_tokenizer(config)
@@ -74,12 +82,20 @@ class ProcessAsyncEngine(EngineFrontend):
     def is_running(self) -> bool:
         return self._alive and self._proc.poll() is None
 
-    def _send(self, message: list) -> None:
+    def _send(self, message: list) -> bool:
+        """False when the child is not connected (it died) or the socket is closed (shutdown)."""
         with self._send_lock:
-            try:
-                self._cmd.send(_enc.encode(message))
-            except zmq.ZMQError:   # closed by shutdown meanwhile: the engine is gone anyway
-                pass
+            for attempt in range(2):
+                try:
+                    self._cmd.send(_enc.encode(message), zmq.NOBLOCK)
+                    return True
+                except zmq.Again:   # no peer: the child died, or (once) its connection is still being made
+                    if attempt or self._proc.poll() is not None:
+                        return False
+                    self._cmd.poll(1000, zmq.POLLOUT)
+                except zmq.ZMQError:
+                    return False
+        return False
 
     def _submit(self, command: tuple) -> None:
         if command[0] == "add":
@@ -89,25 +105,34 @@ class ProcessAsyncEngine(EngineFrontend):
                     _call(stream.loop, _resolve, admitted, EngineUnavailable("the engine stopped"))
                     return
                 self._pending[stream.request_id] = (stream, admitted)
-            self._send(["add", stream.request_id, ids, msgspec.to_builtins(params), priority])
+            if not self._send(["add", stream.request_id, ids, msgspec.to_builtins(params), priority]):
+                with self._lock:
+                    gone = self._pending.pop(stream.request_id, None)
+                if gone is not None:
+                    _call(stream.loop, _resolve, admitted, EngineUnavailable("the engine process is not running"))
         elif command[0] == "abort" and self._alive:
             self._send(["abort", command[1]])
 
     def _receive(self) -> None:
+        reason = "the engine stopped"
         try:
             while True:
                 if not self._out.poll(1000):
                     if self._proc.poll() is not None:
-                        logger.error("the engine process died (exit code %s)", self._proc.returncode)
+                        reason = f"the engine process died (exit code {self._proc.returncode}); its log says why"
+                        logger.error(reason)
                         return
                     continue
                 m = _dec.decode(self._out.recv())
                 if m[0] == "stopped":
+                    if not self._stopping:
+                        reason = "the engine process stopped on its own (it was sent SIGTERM)"
+                        logger.error(reason)
                     return
                 _, replies, self._stats = m
                 self._handle(replies)
         finally:
-            self._close_all()
+            self._close_all(reason)
 
     def _handle(self, replies: list) -> None:
         by_loop: dict = {}
@@ -135,19 +160,19 @@ class ProcessAsyncEngine(EngineFrontend):
         for loop, items in by_loop.items():
             _call(loop, _deliver, items)
 
-    def _close_all(self) -> None:
+    def _close_all(self, reason: str) -> None:
         with self._lock:
             self._alive = self._accepting = False
             pending, self._pending = self._pending, {}
             streams, self._streams = self._streams, {}
         for stream, admitted in pending.values():
-            _call(stream.loop, _resolve, admitted, EngineUnavailable("the engine stopped"))
+            _call(stream.loop, _resolve, admitted, EngineUnavailable(reason))
         for stream in streams.values():
-            _call(stream.loop, _deliver, [(stream, EngineUnavailable("the engine stopped"))])
+            _call(stream.loop, _deliver, [(stream, EngineUnavailable(reason))])
 
     async def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         import asyncio
-        self._accepting = False
+        self._accepting, self._stopping = False, True
         if self.is_running:
             self._send(["shutdown", drain])
         await asyncio.to_thread(self._receiver.join, timeout)
@@ -158,9 +183,14 @@ class ProcessAsyncEngine(EngineFrontend):
         self._kill()
 
     def _kill(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(5)
+        """SIGTERM first (the child aborts, removes the IPC folder and exits within seconds), then SIGKILL."""
+        for signal_child, wait in ((self._proc.terminate, 3), (self._proc.kill, 5)):
+            if self._proc.poll() is None:
+                signal_child()
+                try:
+                    self._proc.wait(wait)
+                except subprocess.TimeoutExpired:
+                    pass
         with self._send_lock:
             self._cmd.close(linger=0)
         self._out.close(linger=0)
