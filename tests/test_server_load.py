@@ -3,6 +3,7 @@ a non-streaming client that times out, /health staying responsive while the engi
 SIGTERM letting an in-flight stream finish before the process exits. Afterwards no KV block is
 left in use."""
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -131,23 +132,40 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_sigterm_drains_inflight_stream_engine_process():
+@contextlib.contextmanager
+def _tidal_serve(args: list[str], log_path):
+    """A real `tidal serve` process, killed on the way out. Its stdout and stderr (the engine process
+    shares them) go to a file, not a pipe that nobody reads and that blocks the server when full;
+    any failure inside quotes the end of that log, so a failed run says what the server said."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tidal.server.cli", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        yield proc
+    except Exception as e:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise AssertionError(f"{type(e).__name__}: {e}\n--- the server's log, last 4000 characters ---\n{tail}") from e
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_drains_inflight_stream_engine_process(tmp_path):
     """`tidal serve --engine-process`: the engine in a child process over ZeroMQ. A stream cut by
     its client is aborted there; SIGTERM lets an in-flight stream finish; both processes exit."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "tidal.server.cli", "--model", MODEL, "--dtype", "float32",
-                             "--max-model-len", "128", "--num-kv-blocks", "32", "--port", str(port),
-                             "--log-level", "warning", "--engine-process"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    try:
+    with _tidal_serve(["--model", MODEL, "--dtype", "float32", "--max-model-len", "128", "--num-kv-blocks", "32",
+                       "--port", str(port), "--log-level", "warning", "--engine-process"],
+                      tmp_path / "server.log") as proc:
         def up():
             try:
                 return httpx.get(url + "/health", timeout=1).status_code == 200
             except httpx.TransportError:
                 return False
         assert wait_until(lambda: up() or proc.poll() is not None, timeout=120, interval=0.2)
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert proc.poll() is None, f"the server exited ({proc.returncode})"
         engine_pids = _children(proc.pid)
         assert engine_pids, "the engine process is missing"
         body = {"model": MODEL, "prompt": "Count with me: one, two,", "max_tokens": 100, "ignore_eos": True,
@@ -179,10 +197,6 @@ def test_sigterm_drains_inflight_stream_engine_process():
             raise AssertionError("the server still answers after SIGTERM")
         except httpx.TransportError:
             pass
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_bench_serve_record(server, tmp_path):  # noqa: F811
