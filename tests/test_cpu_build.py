@@ -128,10 +128,15 @@ def test_background_serves_torch_ops_then_switches(half_built):
     code = ("import time; from tidal.kernels import cpu; cpu.load_in_background(); print('AT_ONCE', cpu.ready())\n"
             "end = time.time() + 150\n"
             "while cpu.ready() is None and time.time() < end: time.sleep(0.1)\n"
-            "print('LATER', cpu.ready().__file__)")
+            "print('LATER', cpu.ready().__file__)\n"
+            "time.sleep(2)\n"  # the builder exits right after its `built` mark; it must not stay a zombie here
+            "import os\n"
+            "try: print('LEFT', os.waitpid(-1, os.WNOHANG))\n"  # (0, 0): still running, (pid, _): a zombie
+            "except ChildProcessError: print('LEFT none')")
     out = _python(code, root, timeout=180)
     assert "AT_ONCE None" in out.stdout, out.stderr
     assert f"LATER {folder}" in out.stdout, out.stderr
+    assert "LEFT none" in out.stdout, out.stdout + out.stderr
 
 
 def test_builder_gives_up_after_its_lifetime_with_its_compilers(half_built):
@@ -166,3 +171,19 @@ def test_no_ninja_falls_back_with_one_line(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr
     lines = [ln for ln in out.stderr.splitlines() if "CPU kernels unavailable" in ln]
     assert len(lines) == 1 and "Ninja is required" in lines[0], out.stderr
+
+
+def test_bench_refuses_to_time_the_torch_ops_unless_told(monkeypatch):
+    from types import SimpleNamespace
+
+    from tidal import TidalError
+    from tidal.bench import _wait_for_cpu_kernels
+    from tidal.kernels import cpu
+    calls = []
+    monkeypatch.setattr(cpu, "load", lambda *a, **k: calls.append(1))  # the build failed or timed out
+    monkeypatch.setenv("TIDAL_CPU_KERNELS", "sync")
+    with pytest.raises(TidalError, match="TIDAL_CPU_KERNELS=0"):
+        _wait_for_cpu_kernels(SimpleNamespace(torch_device="cpu"))
+    monkeypatch.setenv("TIDAL_CPU_KERNELS", "0")
+    _wait_for_cpu_kernels(SimpleNamespace(torch_device="cpu"))
+    assert len(calls) == 1

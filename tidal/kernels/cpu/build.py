@@ -8,7 +8,8 @@ builder when none runs and waits for it: visibly when asked, and never past its 
 that exits or is killed mid-build leaves the build running; a killed builder leaves a stale lock
 that the next one takes over (build_lock.py). FOLDER/built marks a finished build, FOLDER/build-failed
 holds the last failure's one-line reason.
-Must not: load the module into a process that did not ask (tidal/kernels/cpu/__init__.py does).
+Must not: import the built module into the serving process (cpu/__init__.py does that), or run
+torch's build in a folder without holding its lock.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def ensure_built(folder: str | None = None, timeout: float = WAIT_S, say=None,
         so = built(folder)
         if so:
             return so
-        rc = ours.poll() if ours is not None else None  # (also reaps it: a zombie would look alive)
+        rc = ours.poll() if ours is not None else None
         if rc not in (None, 0, _LOST_RACE):
             raise BuildError(_failure(folder, f"the builder exited with status {rc}"))
         owner = build_lock.holder(folder)
@@ -145,11 +146,13 @@ def _spawn(folder: str) -> subprocess.Popen:
             return p
         os.makedirs(folder, exist_ok=True)
         root = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # `-m` must find this same tidal
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         with open(os.path.join(folder, LOG), "ab") as log:
-            p = subprocess.Popen([sys.executable, "-m", "tidal.kernels.cpu.build", folder], cwd=root,
+            p = subprocess.Popen([sys.executable, "-m", "tidal.kernels.cpu.build", folder], cwd=root, env=env,
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, close_fds=True)
         _spawned[folder] = p
+        threading.Thread(target=p.wait, name="tidal-cpu-builder-reaper", daemon=True).start()  # no zombie
         return p
 
 
