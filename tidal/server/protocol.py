@@ -4,6 +4,8 @@ Owns: the JSON shape and types of every request body (chat, completions, tokeniz
 which is also what /openapi.json publishes. Types are strict (a string is not a number), so a
 wrong type is a 400, never a silent coercion. Value checks that the engine already makes
 (temperature range, stop strings, ...) stay in `SamplingParams`, so there is one rule per knob.
+Like vLLM (and unlike OpenAI's API), `model` is optional and unknown top-level fields are accepted
+and ignored; the server logs each unknown name once.
 Must not: build responses or talk to the engine (serving_*.py do).
 """
 from __future__ import annotations
@@ -21,8 +23,15 @@ Int = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) an
 
 
 class _Strict(BaseModel):
-    # Unknown fields are ignored, as OpenAI's API and vLLM do: clients send many optional extras.
+    # Inside nested objects, unknown fields are dropped silently.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _Request(_Strict):
+    # A request body's unknown top-level fields are kept (in `model_extra`) only so the server can
+    # log each name once, then ignored: vLLM's rule (OpenAI's API answers 400 instead), since clients
+    # send many optional extras.
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class StreamOptions(_Strict):
@@ -35,9 +44,9 @@ class ResponseFormat(_Strict):
         description="only text and json_object for now (json_object is not enforced by a grammar yet)")
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(_Request):
     """Knobs shared by chat and completions."""
-    model: str | None = None
+    model: str | None = Field(None, description="optional: a missing model means the served one (as in vLLM)")
     n: Int = Field(1, ge=1, le=MAX_N)
     max_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = None
@@ -95,7 +104,7 @@ class CompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -103,6 +112,6 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[Int]

@@ -13,8 +13,8 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, logprob_value,
-                                 new_id, sampling_params, sse, until_disconnect)
+from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, check_request, iterate,
+                                 logprob_value, new_id, sampling_params, sse, until_disconnect)
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import ChatCompletionRequest
 
@@ -67,10 +67,12 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         raise APIError("tool_choice needs tools, which are not supported yet", param="tool_choice")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
+    ctx.warn_unknown_fields("/v1/chat/completions", req)
     top = req.top_logprobs or 0
-    prompt_ids = await ctx.apply_chat_template(messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = sampling_params(req, max_tokens, top if req.logprobs else None, req.n)
+    params = sampling_params(req, max_tokens, top if req.logprobs else None, req.n, ctx.default_sampling)
+    check_request(ctx, 1, params)
+    prompt_ids = await ctx.apply_chat_template(messages, req.add_generation_prompt)
     check_fits(ctx, len(prompt_ids), params)
     rid = new_id("chatcmpl")
     streams = await add_requests(ctx, rid, [prompt_ids], params, req.priority)
