@@ -1,7 +1,7 @@
 """What chat and completions share: request -> SamplingParams, the per-request limits, running
 engine requests until done, until the client leaves or until the shutdown cut, and SSE.
 
-Owns: `sampling_params`, `check_fits` / `check_num_seqs` (what a request may ask for), `add_requests`
+Owns: `sampling_params` (with `structured_outputs`, the request's grammar constraint), `check_fits` / `check_num_seqs` (what a request may ask for), `add_requests`
 and `iterate` (one or many prompts, merged in arrival order, aborted when the client goes away, the
 handler is cancelled or `ServerContext.cut_streams` ends them), `SSEResponse` (a streaming response
 that aborts its requests however the stream ends) and `sse`. `ServerContext` lives in context.py.
@@ -22,6 +22,9 @@ from tidal.sampling import SamplingParams
 from tidal.server.context import ServerContext
 from tidal.server.errors import APIError
 from tidal.server.protocol import MAX_N
+from tidal.errors import TidalError
+from tidal.structured.compiler import validate as validate_grammar
+from tidal.structured.params import from_openai_request
 
 
 def logprob_value(v: float) -> float:
@@ -54,7 +57,25 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int,
             value = defaults.get(name)
         if value is not None:   # still None: SamplingParams' neutral default (OpenAI's temperature is 1)
             kw[name] = value
+    kw["structured_outputs"] = structured_outputs(req)
     return SamplingParams(**kw)
+
+
+def structured_outputs(req):
+    """The request's one output constraint (response_format, vLLM's guided_* or structured_outputs),
+    checked by xgrammar now, so a bad schema, regex or grammar is a 400 naming the field it came in."""
+    rf = getattr(req, "response_format", None)
+    fields = {"response_format": rf.as_dict() if rf is not None and rf.type != "text" else None,
+              "guided_json": req.guided_json, "guided_regex": req.guided_regex, "guided_choice": req.guided_choice,
+              "guided_grammar": req.guided_grammar, "structured_outputs": req.structured_outputs}
+    spec = from_openai_request(fields["response_format"], **{k: v for k, v in fields.items() if k != "response_format"})
+    if spec is not None:
+        source = next(k for k, v in fields.items() if v is not None)
+        try:
+            validate_grammar(spec)
+        except TidalError as e:
+            raise APIError(e.message.replace("structured_outputs", source, 1), param=source) from None
+    return spec
 
 
 def check_request(ctx: ServerContext, num_prompts: int, params: SamplingParams) -> None:

@@ -39,9 +39,25 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(description="required, as in OpenAI's API")
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema", description="the JSON Schema the output must match")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text", "json_object"] = Field(
-        description="only text and json_object for now (json_object is not enforced by a grammar yet)")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="json_object and json_schema are enforced by a grammar (xgrammar): the output always parses")
+    json_schema: JsonSchemaFormat | None = None
+
+    def as_dict(self) -> dict:
+        d = {"type": self.type}
+        if self.json_schema is not None:
+            d["json_schema"] = {"name": self.json_schema.name, "strict": self.json_schema.strict}
+            if self.json_schema.json_schema is not None:
+                d["json_schema"]["schema"] = self.json_schema.json_schema
+        return d
 
 
 class _SamplingFields(_Request):
@@ -69,6 +85,12 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's structured-output extras (one constraint per request, response_format included)
+    structured_outputs: dict | None = Field(None, description="vLLM's form: {json|regex|choice|grammar|json_object: ...}")
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = Field(None, description="an EBNF grammar (xgrammar's GBNF dialect)")
 
 
 class ContentPart(BaseModel):
