@@ -123,7 +123,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m tidal.server.cli [flags]`, the same as `tidal serve [flags]`."""
-    from tidal.cli import _add_engine_flags, engine_kwargs
+    from tidal.config import add_engine_flags as _add_engine_flags
+    from tidal.config import engine_kwargs
     from tidal.errors import TidalError
     parser = argparse.ArgumentParser(prog="tidal")
     add_serve_parser(parser.add_subparsers(dest="command"), _add_engine_flags)
