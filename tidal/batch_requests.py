@@ -25,6 +25,7 @@ class _Ctx:
 
     def __init__(self, engine):
         self.tokenizer = engine.tokenizer
+        self.default_sampling = dict(getattr(engine, "default_sampling", {}))   # the model's, as the server uses
         bm = engine.block_manager
         self.engine = type("EngineLimits", (), {"max_model_len": engine.max_model_len,
                                                 "kv_capacity_tokens": bm.num_blocks * bm.block_size})
@@ -95,7 +96,8 @@ def _prepare(ctx: _Ctx, cid: str, line: dict) -> tuple[_Job, object]:
             raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
         prompts = [_chat_ids(ctx.tokenizer, serving_chat._messages(req), req.add_generation_prompt)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.n)
+        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.n,
+                                 ctx.default_sampling)
     else:
         if req.suffix or (req.best_of is not None and req.best_of != req.n):
             raise APIError("suffix and best_of (other than n) are not supported; drop them", param="suffix")
@@ -106,7 +108,7 @@ def _prepare(ctx: _Ctx, cid: str, line: dict) -> tuple[_Job, object]:
         prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
         if not prompts or not all(prompts):
             raise APIError("`prompt` is empty; give at least one token", param="prompt")
-        params = sampling_params(req, req.max_tokens, req.logprobs, req.n)
+        params = sampling_params(req, req.max_tokens, req.logprobs, req.n, ctx.default_sampling)
     for ids in prompts:
         check_fits(ctx, len(ids), params)
     return _Job(cid, chat, req, prompts), params
