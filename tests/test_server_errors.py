@@ -51,7 +51,7 @@ def http(server):  # noqa: F811
     (CHAT, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     (CHAT, {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    (CHAT, {"messages": MSG, "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+    (CHAT, {"messages": MSG, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     (CHAT, {"messages": MSG, "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages.0.content"),

@@ -40,16 +40,17 @@ def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int,
                     defaults: dict | None = None) -> SamplingParams:
     """Map request fields onto SamplingParams, a knob the request leaves unset (None) taking its
     value from `defaults` (ServerContext.default_sampling); its checks raise TidalError -> 400."""
-    if req.logit_bias:
-        raise APIError("logit_bias is not supported yet; drop it", param="logit_bias")
     for stop in [req.stop] if isinstance(req.stop, str) else req.stop or ():
         ServerContext.check_unicode(stop, "stop")
+    for word in req.bad_words or ():
+        ServerContext.check_unicode(word, "bad_words")
     defaults = defaults or {}
     if max_tokens is None:
         max_tokens = defaults.get("max_tokens")
     kw = dict(n=n, max_tokens=max_tokens, stop=req.stop, seed=req.seed, logprobs=logprobs,
               ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, stop_token_ids=req.stop_token_ids,
-              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+              logit_bias=req.logit_bias, allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty"):
         value = getattr(req, name)

@@ -74,7 +74,8 @@ class _SamplingFields(_Request):
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit; -100 bans it")
     # vLLM extras
     top_k: Int | None = None
     min_p: float | None = None
@@ -85,6 +86,8 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[Int] | None = Field(None, description="only these token ids may be sampled")
+    bad_words: list[str] | None = Field(None, description="words never generated (with or without a leading space)")
     # vLLM's structured-output extras (one constraint per request, response_format included)
     structured_outputs: dict | None = Field(None, description="vLLM's form: {json|regex|choice|grammar|json_object: ...}")
     guided_json: str | dict | None = None
