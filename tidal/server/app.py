@@ -24,6 +24,7 @@ from tidal.server.middleware import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_BYTES
 from tidal.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tidal.server.serving_chat import _messages, create_chat_completion
 from tidal.server.serving_completions import create_completion
+from tidal.structured.tool_parsers import get_parser
 
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None, *,
@@ -31,11 +32,14 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
               shutdown_engine: bool = True, drain_timeout: float | None = None,
               allowed_hosts: list[str] | None = None, body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
               max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST,
-              default_sampling: dict | None = None) -> FastAPI:
+              default_sampling: dict | None = None, tool_parser: str = "auto") -> FastAPI:
     """`allowed_hosts`: None accepts any Host header; a list accepts loopback names plus those.
-    `default_sampling`: what a request leaving a knob unset gets (e.g. the model's generation config)."""
+    `default_sampling`: what a request leaving a knob unset gets (e.g. the model's generation config).
+    `tool_parser`: how tool_choice "auto" finds tool calls in the text (hermes, llama3_json, or auto:
+    by the chat template)."""
     ctx = ServerContext(engine, served_model_name, model_aliases, max_seqs_per_request=max_seqs_per_request,
                         default_sampling=default_sampling)
+    parser = get_parser(tool_parser, getattr(ctx.tokenizer, "chat_template", None))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,7 +59,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
 
     @app.post("/v1/chat/completions", responses=bad)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await create_chat_completion(ctx, body, request)
+        return await create_chat_completion(ctx, body, request, parser)
 
     @app.post("/v1/completions", responses=bad)
     async def completions(body: CompletionRequest, request: Request):

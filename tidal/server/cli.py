@@ -85,6 +85,9 @@ def add_serve_parser(subparsers, add_engine_flags) -> argparse.ArgumentParser:
                         "(default: until they finish)")
     g.add_argument("--engine-process", action="store_true",
                    help="run the engine in its own process (ZeroMQ), so HTTP work never competes with it for the GIL")
+    g.add_argument("--tool-parser", default="auto", choices=["auto", "hermes", "llama3_json"],
+                   help='how tool_choice "auto" finds tool calls in the text: hermes (<tool_call>{...}</tool_call>), '
+                        "llama3_json ({\"name\": ..., \"parameters\": ...}), auto: by the chat template (default)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_flags(p, skip=())   # the server has no per-command sampling seed, so --seed is the engine's
     return p
@@ -110,7 +113,7 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
                     max_body_bytes=int(args.max_body_mb * 2**20), drain_timeout=args.shutdown_timeout,
                     allowed_hosts=allowed_hosts, body_timeout=args.body_timeout,
                     max_seqs_per_request=args.max_seqs_per_request,
-                    default_sampling=getattr(engine, "default_sampling", None))
+                    default_sampling=getattr(engine, "default_sampling", None), tool_parser=args.tool_parser)
     print(f"[tidal] serving `{name}` (max_model_len {engine.max_model_len}, KV cache "
           f"{engine.kv_capacity_tokens} tokens) on http://{args.host}:{args.port}/v1 "
           f"after {time.perf_counter() - t0:.1f} s{' with an API key' if args.api_key else ''}", file=sys.stderr)

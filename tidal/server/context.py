@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -113,18 +114,24 @@ class ServerContext:
     async def decode(self, ids: list[int]) -> str:
         return await self.run_in_tokenizer(lambda tok: tok.decode(ids), long=len(ids) > LONG_IDS)
 
-    async def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    async def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                                  tools: list[dict] | None = None) -> list[int]:
+        """`tools`: OpenAI function tools, for a template that writes them into the prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError("this model has no chat template; use /v1/completions with a plain prompt",
                            param="messages")
         texts = [m["content"] for m in messages] + [m["name"] for m in messages if "name" in m]
-        chars = sum(map(len, texts))
+        texts += [json.dumps(m["tool_calls"], ensure_ascii=False) for m in messages if m.get("tool_calls")]
+        tools_text = json.dumps(tools, ensure_ascii=False) if tools else ""
+        chars = sum(map(len, texts)) + len(tools_text)
         self.check_length(chars)   # the template only adds text around the contents
         for text in texts:
             self.check_unicode(text, "messages")
+        self.check_unicode(tools_text, "tools")
 
         def work(tok):
-            out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            out = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                          tokenize=True)
             return list(out["input_ids"] if hasattr(out, "keys") else out)
         try:
             return await self.run_in_tokenizer(work, long=chars > LONG_CHARS)

@@ -102,10 +102,23 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments object as JSON text, as OpenAI's API sends it")
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's earlier tool calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the id of the call it answers")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -114,8 +127,13 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tools: list | None = Field(None, description='[{"type": "function", "function": {"name", "description", '
+                               '"parameters": <JSON schema>}}]; checked by the server (a bad one: 400 naming tools)')
+    tool_choice: str | dict | None = Field(None, description='"none", "auto" (the default with tools), "required" or '
+                                           '{"type": "function", "function": {"name": ...}}; the last two are '
+                                           "enforced by a grammar")
+    parallel_tool_calls: bool | None = Field(None, description='false: at most one tool call (tool_choice "required" '
+                                             "then asks the grammar for exactly one)")
     add_generation_prompt: bool = True
 
 
