@@ -291,3 +291,48 @@ def test_batch_line_means_what_the_http_body_means(tmp_path):
         for call in choice["message"]["tool_calls"]:
             assert call["function"]["name"] in names
             jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+
+
+def test_serve_tool_parser_flag():
+    import argparse
+
+    from tidal.config import add_engine_flags
+    from tidal.server.cli import add_serve_parser
+    parser = argparse.ArgumentParser(prog="tidal")
+    add_serve_parser(parser.add_subparsers(dest="command"), add_engine_flags)
+    assert parser.parse_args(["serve"]).tool_parser == "auto"
+    assert parser.parse_args(["serve", "--tool-parser", "llama3_json"]).tool_parser == "llama3_json"
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["serve", "--tool-parser", "mistral"])
+    assert e.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def llama3_server():
+    from server_fixtures import ServerHandle, shared_engine
+
+    from tidal.server.app import build_app
+    engine = shared_engine()
+    handle = ServerHandle(build_app(engine, MODEL, shutdown_engine=False, tool_parser="llama3_json"), engine)
+    yield handle
+    handle.stop()
+
+
+# The model's own call format, forced by a regex so the auto parsers see one through the whole server.
+HERMES_CALL = r'Adding\. <tool_call>\{"name": "add", "arguments": \{"a": [1-9][0-9]?, "b": [1-9][0-9]?\}\}</tool_call>'
+LLAMA3_CALL = r'<\|python_tag\|>\{"name": "add", "parameters": \{"a": [1-9][0-9]?, "b": [1-9][0-9]?\}\}'
+
+
+@pytest.mark.parametrize("which,regex,content", [("hermes", HERMES_CALL, "Adding."), ("llama3", LLAMA3_CALL, None)])
+def test_auto_parses_the_models_own_format(server, llama3_server, which, regex, content):  # noqa: F811
+    url = (server if which == "hermes" else llama3_server).url
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="auto", max_tokens=60, temperature=0,
+              extra_body={"guided_regex": regex})
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == content
+    _check_calls(c.message.tool_calls, {"add"})
+    streamed, calls, finish = _collect_stream(client.chat.completions.create(**kw, stream=True))
+    assert finish == "tool_calls" and streamed == (content or "") and "<" not in streamed
+    assert [(v[1], json.loads(v[2])) for v in calls.values()] == \
+        [("add", json.loads(c.message.tool_calls[0].function.arguments))]
