@@ -138,6 +138,8 @@ def test_required_grammar_hoists_defs_and_reads_back():
     calls = calls_from_required(json.dumps(good))
     assert [c.name for c in calls] == ["draw", "add"] and json.loads(calls[1].arguments) == {"a": 1, "b": 2}
     assert calls_from_required('[{"name": "add", "parameters": {"a"') is None
+    cut = '[{"name": "add", "parameters": {"a": 1, "b": 2}}, {"name": "add", "parameters": {"a"'
+    assert [json.loads(c.arguments) for c in calls_from_required(cut)] == [{"a": 1, "b": 2}]   # complete calls kept
     assert tool_spec("required", fns, parallel=False).json["maxItems"] == 1
     assert tool_spec("auto", fns) is None and tool_spec("named", fns, fns[1]).json == WEATHER
 
@@ -183,6 +185,15 @@ def _collect_stream(stream):
                 entry[2] += d.function.arguments or ""
             finish = choice.finish_reason or finish
     return content, calls, finish
+
+
+def test_required_with_parallel_calls_keeps_complete_calls_when_cut(client):
+    # smollm2 at temperature 0 repeats the call until max_tokens: the complete calls still come back
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       max_tokens=60, temperature=0)
+    c = r.choices[0]
+    assert c.message.tool_calls and c.finish_reason in ("tool_calls", "length")
+    _check_calls(c.message.tool_calls, {"get_weather", "add"})
 
 
 @pytest.mark.parametrize("choice,names", [

@@ -107,8 +107,9 @@ class ChatTools:
         return text, []
 
     def finish_reason(self, text: str, calls: list[ToolCall], finish_reason: str | None) -> str | None:
-        """tool_calls when the calls are complete; a named function cut by max_tokens says length."""
-        if not calls or (self.mode == "named" and not _parses(text)):
+        """tool_calls when the calls are complete; a named function, or a `required` array, cut by
+        max_tokens says length (the array's complete calls still come back)."""
+        if not calls or (self.mode in ("named", "required") and not _parses(text)):
             return finish_reason
         return "tool_calls"
 

@@ -119,11 +119,12 @@ def tool_spec(mode: str, functions: list[Function], named: Function | None = Non
 
 
 def calls_from_required(text: str) -> list[ToolCall] | None:
-    """The `required` grammar's array -> ToolCalls; None when it does not parse (cut by max_tokens)."""
+    """The `required` grammar's array -> ToolCalls. An array cut by max_tokens (a small model may
+    repeat calls until then) gives its complete calls; None when not even one is complete."""
     try:
         items = json.loads(text)
     except ValueError:
-        return None
+        items = _complete_items(text)
     if isinstance(items, dict):
         items = [items]
     if not isinstance(items, list) or not items:
@@ -134,3 +135,19 @@ def calls_from_required(text: str) -> list[ToolCall] | None:
             return None
         calls.append(ToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False)))
     return calls
+
+
+def _complete_items(text: str) -> list:
+    """The whole elements at the start of a JSON array that was cut off."""
+    decoder, items = json.JSONDecoder(), []
+    pos = text.find("[") + 1
+    if pos == 0:
+        return items
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return items
+        items.append(item)
