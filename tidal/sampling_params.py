@@ -52,8 +52,9 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # a grammar the output must match (JSON schema, regex, choice, EBNF); a dict is converted
-    structured_outputs: StructuredOutputsParams | dict | None = None
+    # a grammar the output must match (JSON schema, regex, choice, EBNF); a dict is converted. Annotated
+    # without `dict` so msgspec can decode SamplingParams (engine/step_io.py's messages carry it)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.structured_outputs, dict):   # also how it arrives over msgpack
