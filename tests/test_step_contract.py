@@ -10,7 +10,7 @@ from tidal import LLM, SamplingParams
 from tidal.config import EngineConfig
 from tidal.engine.input_batch import InputBatch
 from tidal.engine.resolve import resolve_engine_config
-from tidal.engine.step_io import (CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput, encoder,
+from tidal.engine.step_io import (CachedRequestData, NewRequestData, SchedulerOutput, encoder,
                                   runner_output_decoder, scheduler_output_decoder)
 from tidal.structured.bitmask import GrammarBitmask
 from model_utils import ManualScheduler

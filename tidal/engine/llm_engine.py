@@ -1,12 +1,13 @@
 """The engine loop: schedule -> execute -> update.
 
 Owns: `LLMEngine` (add_request / abort_request / step), admission checks (prompt too long,
-cache too small), n > 1 fan-out into sibling requests, stop conditions (a grammar's end among
-them), incremental detokenization into text deltas, KV-block bookkeeping after each step, and
-the engine stats the server's metrics read. A step: `so = scheduler.schedule()` (a plain-data
-`SchedulerOutput`; the engine adds the grammar bitmask rows) -> `out = runner.execute_model(so)`
-(a `ModelRunnerOutput`) -> `_update(so, out)`. The configuration is resolved once, before
-anything is built (engine/resolve.py); the scheduler and the runner both read that plan.
+cache too small), n > 1 fan-out into sibling requests, acting on stop conditions (stop_checks.py
+checks them, a grammar's end among them), incremental detokenization into text deltas, KV-block
+bookkeeping after each step, and the engine stats the server's metrics read. A step:
+`so = scheduler.schedule()` (a plain-data `SchedulerOutput`; the engine adds the grammar bitmask
+rows) -> `out = runner.execute_model(so)` (a `ModelRunnerOutput`) -> `_update(so, out)`. The
+configuration is resolved once, before anything is built (engine/resolve.py); the scheduler and
+the runner both read that plan.
 Must not: know about HTTP or threads (the async engine and server sit above it).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tidal.engine.request import Request, RequestStatus
 from tidal.engine.resolve import resolve_engine_config
 from tidal.engine.scheduler import Scheduler
 from tidal.engine.step_io import ModelRunnerOutput, SchedulerOutput
+from tidal.engine.stop_checks import check_stop, eos_ids
 from tidal.engine.structured_requests import GrammarRequests
 from tidal.errors import TidalError
 from tidal.kv.block_manager import BlockManager
@@ -56,7 +58,7 @@ class LLMEngine:
             self.tokenizer = ckpt.load_tokenizer()
         # the sampling a request leaves unset, from the model's generation config (vLLM's rule)
         self.default_sampling, extra_eos = generation_defaults(config.model, ckpt.path, config.generation_config)
-        self.eos_token_ids = _eos_ids(self.tokenizer, ckpt.hf_config) | extra_eos
+        self.eos_token_ids = eos_ids(self.tokenizer, ckpt.hf_config) | extra_eos
         self.runner.eos_token_ids = self.eos_token_ids
         self.max_model_len = resolved.max_model_len
         self.vocab_size = resolved.vocab_size
@@ -197,24 +199,11 @@ class LLMEngine:
             req.logprobs.append(lp)
             req.cumulative_logprob += lp[token]
         delta, stopped = req.detokenizer.append(token)
-        p = req.params
-        n_out = len(req.output_token_ids)
-        reason, stop_reason = None, None
         if refused:
             logger.error("request %s: its grammar refused sampled token %d; aborting it", req.request_id, token)
-            reason = "abort"
-        elif stopped:
-            reason, stop_reason = "stop", getattr(req.detokenizer, "stop_reason", None)
-        elif n_out >= p.min_tokens and token in (p.stop_token_ids or ()):
-            reason, stop_reason = "stop", token
-        elif n_out >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
-            reason = "stop"
-        elif req.grammar is not None and req.grammar.is_terminated:   # the grammar's end: it took a stop token
-            reason = "stop"
-        elif p.max_tokens is not None and n_out >= p.max_tokens:
-            reason = "length"
-        elif req.num_tokens >= self.max_model_len:
-            reason = "length"
+            reason, stop_reason = "abort", None
+        else:
+            reason, stop_reason = check_stop(req, token, stopped, self.eos_token_ids, self.max_model_len)
         self._add_delta(req, delta, [token])
         if reason is not None:
             if not stopped:
@@ -261,12 +250,3 @@ class LLMEngine:
     def kv_stats(self) -> dict:
         return self.block_manager.stats()
 
-
-def _eos_ids(tokenizer, hf_config) -> set[int]:
-    ids = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
