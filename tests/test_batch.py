@@ -202,3 +202,22 @@ def test_planning_hint_reads_the_workload_from_the_file(tmp_path):
     assert planning_hint(str(path)) == {"prompt_len": 75, "gen_len": 75}
     (tmp_path / "empty.jsonl").write_text("")
     assert planning_hint(str(tmp_path / "empty.jsonl")) == {}
+
+
+def test_structured_output_and_model_defaults_in_a_batch(engine, tmp_path):
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}}, "required": ["colour"],
+              "additionalProperties": False}
+    write(tmp_path / "in.jsonl", [
+        line("json", "/v1/chat/completions", messages=MESSAGES, max_tokens=40, temperature=0,
+             response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}),
+        line("choice", prompt="My favourite colour is", max_tokens=4, temperature=0, guided_choice=["red", "blue"]),
+        line("badregex", prompt="x", guided_regex="a("),
+    ])
+    process(engine, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), progress=False)
+    recs = by_id(records(tmp_path / "out.jsonl"))
+    out = json.loads(recs["json"]["response"]["body"]["choices"][0]["message"]["content"])
+    assert set(out) == {"colour"} and isinstance(out["colour"], str)
+    assert recs["choice"]["response"]["body"]["choices"][0]["text"] in ("red", "blue")
+    assert recs["badregex"]["error"] is not None or recs["badregex"]["response"]["status_code"] == 400
+    from tidal.batch_requests import _Ctx
+    assert _Ctx(engine).default_sampling == {"temperature": 0.2, "top_p": 0.9}   # smollm2's, as the server uses

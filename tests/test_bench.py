@@ -101,3 +101,14 @@ def test_tidal_bench_throughput_end_to_end(tmp_path, capsys):
     assert rec["engine"]["name"] == "tidal" and rec["engine"]["dtype"] == "float32"
     assert "output tok/s" in capsys.readouterr().out
     assert main(["bench", "compare", str(out), str(out)]) == 0
+
+
+def test_bench_json_schema_argument(tmp_path):
+    from tidal.bench import _bench_schema
+    assert _bench_schema(None) is None
+    assert _bench_schema("default")["required"] == ["records"]
+    assert _bench_schema('{"type": "object"}') == {"type": "object"}
+    (tmp_path / "s.json").write_text('{"type": "array"}')
+    assert _bench_schema(str(tmp_path / "s.json")) == {"type": "array"}
+    with pytest.raises(TidalError, match="json-schema"):
+        _bench_schema("{not json")

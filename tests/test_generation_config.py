@@ -38,5 +38,7 @@ def test_smollm2_alias_uses_its_model_card_settings():
     assert llm.engine.default_sampling == {"temperature": 0.2, "top_p": 0.9}
     p = llm.get_default_sampling_params()
     assert (p.temperature, p.top_p) == (0.2, 0.9)
+    from tidal.engine.async_engine import AsyncEngine
+    assert AsyncEngine(llm.engine, start=False).default_sampling == {"temperature": 0.2, "top_p": 0.9}   # -> server
     llm_plain = LLM("smollm2", dtype="float32", max_model_len=128, num_kv_blocks=16, generation_config="vllm")
     assert llm_plain.get_default_sampling_params().temperature == 1.0

@@ -64,8 +64,8 @@ def test_messages_round_trip_msgpack(llm):
     """A real step's SchedulerOutput (with a grammar bitmask) and ModelRunnerOutput (with logprobs and
     prompt logprobs) decode from msgpack to equal messages; the runner gives the same result for both."""
     runner = llm.engine.runner
-    params = SamplingParams(temperature=0, max_tokens=2, logprobs=1, prompt_logprobs=1,
-                            structured_outputs={"regex": "[a-z]+"})
+    params = SamplingParams(temperature=0, max_tokens=2, logprobs=1, prompt_logprobs=1, logit_bias={3: 50.0},
+                            structured_outputs={"regex": "[a-z]+"}, bad_words_token_ids=[[7, 8]])
     sched = ManualScheduler(runner.num_blocks, runner.block_size, {"x": PROMPTS["a"]}, params)
     so = sched.schedule()
     allowed = torch.full((1, (runner.vocab_size + 31) // 32), 0, dtype=torch.int32)
@@ -76,7 +76,7 @@ def test_messages_round_trip_msgpack(llm):
     assert msgspec.structs.replace(back, grammar_bitmask=None) == msgspec.structs.replace(so, grammar_bitmask=None)
     assert back.scheduled_new_reqs[0].sampling_params == params
     out = runner.execute_model(back)
-    assert out.sampled_token_ids[0][0] in (1, 2, 3)   # the bitmask travelled and was applied
+    assert out.sampled_token_ids[0] == [3]   # the bitmask (1, 2, 3) and the logit bias (3) both travelled
     assert len(out.prompt_logprobs["x"]) == len(PROMPTS["a"]) and out.prompt_logprobs["x"][0] is None
     assert runner_output_decoder.decode(encoder.encode(out)) == out
     runner.execute_model(SchedulerOutput(finished_req_ids={"x"}))

@@ -92,7 +92,8 @@ def planning_hint(path: str, sample: int = 1000) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`python -c "from tidal.batch import main; main()"`: the same command without tidal.cli."""
     import argparse
-    from tidal.cli import _add_engine_flags, engine_kwargs
+    from tidal.config import add_engine_flags as _add_engine_flags
+    from tidal.config import engine_kwargs
     args = add_batch_parser(argparse.ArgumentParser(prog="tidal").add_subparsers(), _add_engine_flags) \
         .parse_args(argv)
     try:

@@ -25,6 +25,7 @@ class _Ctx:
 
     def __init__(self, engine):
         self.tokenizer = engine.tokenizer
+        self.default_sampling = dict(getattr(engine, "default_sampling", {}))   # the model's, as the server uses
         bm = engine.block_manager
         self.engine = type("EngineLimits", (), {"max_model_len": engine.max_model_len,
                                                 "kv_capacity_tokens": bm.num_blocks * bm.block_size})
@@ -36,8 +37,9 @@ class _Ctx:
 class _Job:
     """One input line in the engine: its prompts (a completions line may hold several) and their results."""
 
-    def __init__(self, custom_id, chat, req, prompts):
+    def __init__(self, custom_id, chat, req, prompts, tools=None):
         self.custom_id, self.chat, self.req, self.prompts = custom_id, chat, req, prompts
+        self.tools = tools   # a chat line's serving_tools.ChatTools: its output may be tool_calls
         self.finals, self.remaining = [None] * len(prompts), len(prompts)
 
 
@@ -68,11 +70,12 @@ def _parse(lineno: int, raw: bytes) -> tuple[str | None, dict | None, dict | Non
     return cid, line, None
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, tools=None) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise TidalError("this model has no chat template; use /v1/completions lines", param="messages")
     try:
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                            tokenize=True)
     except Exception as e:   # jinja's TemplateError and the tokenizer's ValueError: the messages' fault
         if isinstance(e, (ValueError, TypeError, KeyError)) or type(e).__module__.startswith("jinja2"):
             raise TidalError(f"the chat template rejected these messages: {e}", param="messages")
@@ -86,16 +89,22 @@ def _prepare(ctx: _Ctx, cid: str, line: dict) -> tuple[_Job, object]:
     from tidal.server.common import check_fits, sampling_params
     from tidal.server.errors import APIError
     from tidal.server.protocol import ChatCompletionRequest, CompletionRequest
+    from tidal.server.serving_tools import ChatTools
+    from tidal.structured.tool_parsers import get_parser
     chat = line["url"] == "/v1/chat/completions"
     req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(line["body"])
+    tools = None
     if chat:
-        if req.tools or req.tool_choice not in (None, "none", "auto"):
-            raise APIError("tools / function calling is not supported yet; drop `tools`", param="tools")
+        template = getattr(ctx.tokenizer, "chat_template", None)
+        messages = serving_chat._messages(req)
+        tools = ChatTools(req.tools, req.tool_choice, get_parser("auto", template), req.parallel_tool_calls)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
-        prompts = [_chat_ids(ctx.tokenizer, serving_chat._messages(req), req.add_generation_prompt)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.n)
+        params = tools.constrain(sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                                 req.n, ctx.default_sampling))
+        messages, template_tools = tools.template_inputs(messages, template)
+        prompts = [_chat_ids(ctx.tokenizer, messages, req.add_generation_prompt, template_tools)]
     else:
         if req.suffix or (req.best_of is not None and req.best_of != req.n):
             raise APIError("suffix and best_of (other than n) are not supported; drop them", param="suffix")
@@ -106,10 +115,10 @@ def _prepare(ctx: _Ctx, cid: str, line: dict) -> tuple[_Job, object]:
         prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
         if not prompts or not all(prompts):
             raise APIError("`prompt` is empty; give at least one token", param="prompt")
-        params = sampling_params(req, req.max_tokens, req.logprobs, req.n)
+        params = sampling_params(req, req.max_tokens, req.logprobs, req.n, ctx.default_sampling)
     for ids in prompts:
         check_fits(ctx, len(ids), params)
-    return _Job(cid, chat, req, prompts), params
+    return _Job(cid, chat, req, prompts, tools), params
 
 
 def _success(ctx: _Ctx, job: _Job, model: str) -> tuple[dict, int]:
@@ -121,7 +130,7 @@ def _success(ctx: _Ctx, job: _Job, model: str) -> tuple[dict, int]:
             choice = {"index": i * req.n + c.index, "logprobs": None, "finish_reason": c.finish_reason,
                       "stop_reason": c.stop_reason}
             if job.chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
+                choice["message"], choice["finish_reason"] = job.tools.message(c.text, c.finish_reason)
                 if req.logprobs:
                     choice["logprobs"] = serving_chat._logprobs(ctx, c.token_ids, c.logprobs, req.top_logprobs or 0)
             else:

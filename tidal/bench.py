@@ -138,6 +138,9 @@ def run_bench_cli(args, engine_kwargs: dict) -> int:
 def _throughput_args(p, add_engine_flags) -> None:
     add_workload_args(p)
     p.add_argument("--warmup", type=int, default=1, help="short warmup requests before timing (default 1)")
+    p.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="constrain every request by this JSON schema (a file, inline JSON, or 'default': a list of "
+                        "records), to measure what structured output costs; a request then ends where its JSON does")
     add_engine_flags(p)
 
 
@@ -154,7 +157,9 @@ def run_throughput(args, engine_kwargs: dict) -> int:
         raise TidalError(f"the workload needs {limit} tokens of context but the model allows "
                          f"{llm.engine.max_model_len}; lower --input-len / --output-len", param="input_len")
     prompts = [{"prompt_token_ids": p} for p in wl.prompts]
-    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in wl.output_lens]
+    schema = _bench_schema(args.json_schema)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0,
+                             structured_outputs={"json": schema} if schema else None) for n in wl.output_lens]
     _wait_for_cpu_kernels(cfg)
     if args.warmup > 0:
         llm.generate([{"prompt_token_ids": list(range(MIN_TOKEN_ID, MIN_TOKEN_ID + 16))}] * args.warmup,
@@ -163,7 +168,7 @@ def run_throughput(args, engine_kwargs: dict) -> int:
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_tqdm)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if produced != sum(wl.output_lens):
+    if produced != sum(wl.output_lens) and not schema:
         print(f"tidal bench: warning: {produced} output tokens, the workload asked for {sum(wl.output_lens)}",
               file=sys.stderr)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("model",)}
@@ -171,11 +176,34 @@ def run_throughput(args, engine_kwargs: dict) -> int:
     engine = {"name": "tidal", "model": cfg.model, "model_path": runner.checkpoint.path,
               "dtype": str(cfg.torch_dtype).removeprefix("torch."), "device": str(cfg.torch_device),
               "args": {**settings, "num_kv_blocks": runner.num_blocks, "resolved_policy": str(runner.policy),
+                       "json_schema": schema,
                        "weight_placement": placement.summary() if placement else None}}
     record = make_record(wl, engine, make_results(wl, elapsed, runner.load_seconds, produced, cpu_s=round(cpu, 2)))
     print(format_table([record]))
     write_record(record, args.json_path)
     return 0
+
+
+# Long enough to fill most output lengths of the default workload: records of three bounded fields.
+_DEFAULT_SCHEMA = {"type": "object", "properties": {"records": {"type": "array", "items": {
+    "type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
+                                     "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
+    "required": ["id", "name", "tags"]}}}, "required": ["records"]}
+
+
+def _bench_schema(value: str | None) -> dict | None:
+    if value is None:
+        return None
+    if value == "default":
+        return _DEFAULT_SCHEMA
+    try:
+        if os.path.isfile(value):
+            with open(value) as f:
+                return json.load(f)
+        return json.loads(value)
+    except (OSError, ValueError) as e:
+        raise TidalError(f"--json-schema '{value[:60]}' is neither a JSON file nor inline JSON ({e})",
+                         param="json_schema")
 
 
 def _wait_for_cpu_kernels(cfg) -> None:

@@ -16,15 +16,13 @@ from tidal.errors import TidalError
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed",)) -> None:
-    """Engine flags; `--seed` is the sampling seed on chat/generate, so the engine's is skipped there."""
-    from tidal.config import ENGINE_FLAGS
-    g = p.add_argument_group("engine")
-    for name, typ, help_text in ENGINE_FLAGS:
-        if name in skip:
-            continue
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
-    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
-                   help="turn prefix caching off")
+    from tidal.config import add_engine_flags   # config imports torch: not at `tidal --help` time
+    add_engine_flags(p, skip)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    from tidal.config import engine_kwargs as kwargs_of
+    return kwargs_of(args)
 
 
 # What `tidal chat` samples with when neither a flag nor the model's generation config says:
@@ -44,12 +42,6 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int, fallback: s
     g.add_argument("--repetition-penalty", type=float, default=None,
                    help="above 1 discourages repeating tokens (HF semantics; default 1 = off)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible reply")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    from tidal.config import ENGINE_FLAGS
-    names = [n for n, _, _ in ENGINE_FLAGS if n != "seed"] + ["enable_prefix_caching"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def _sampling(args, engine, fallback: dict):

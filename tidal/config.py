@@ -1,12 +1,13 @@
 """Every engine config, validated in __post_init__.
 
 Owns: `EngineConfig` (the engine flags shared by the CLI, `LLM(...)` and the server),
-size parsing ("2GiB"), and resolving "auto" device/dtype. Nothing else parses flags:
-the CLI builds its argparse options from `ENGINE_FLAGS` below.
+size parsing ("2GiB"), resolving "auto" device/dtype, and the engine flags as argparse options
+(`ENGINE_FLAGS`, `add_engine_flags`, `engine_kwargs`), which every subcommand shares.
 Must not: import the model, engine or server (this module sits below all of them).
 """
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, fields
 
@@ -173,3 +174,21 @@ ENGINE_FLAGS = [
                                "generation_config.json; the smollm2 alias: its model card's temperature 0.2, "
                                "top_p 0.9), vllm (ignore it: temperature 1), or a folder holding one"),
 ]
+
+
+def add_engine_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed",)) -> None:
+    """Every engine flag on an argparse parser (the CLI, `tidal serve`, `tidal batch`, `tidal bench`);
+    `--seed` is the sampling seed on chat/generate, so the engine's is skipped there."""
+    g = p.add_argument_group("engine")
+    for name, typ, help_text in ENGINE_FLAGS:
+        if name in skip:
+            continue
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="turn prefix caching off")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine flags a parsed command line set, as EngineConfig keyword arguments."""
+    names = [n for n, _, _ in ENGINE_FLAGS if n != "seed"] + ["enable_prefix_caching"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

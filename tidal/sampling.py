@@ -2,8 +2,10 @@
 
 Owns: `SamplingMetadata` (the batch's `SamplingParams` as [B] tensors for one step) and `Sampler`
 (logits [B, V] -> token ids, with logprobs). The pipeline runs on whole batches with no Python
-loop over rows and no host sync: penalties (repetition, presence, frequency) -> min_tokens mask ->
-greedy argmax | temperature -> top-k -> top-p -> min-p -> draw. Seeded draws come from
+loop over rows and no host sync: logit controls (allowed_token_ids, bad_words, logit_bias; see
+sampling_logits.py) -> penalties (repetition, presence, frequency) -> min_tokens mask -> greedy
+argmax | temperature -> top-k -> top-p -> min-p -> draw. Logprobs are the model's own (before any
+of this), as in vLLM's default. Seeded draws come from
 `sampling_rng`, so a row's token depends only on its logits, its seed and its step.
 `SamplingParams` itself (one request's knobs and their validation) lives in sampling_params.py;
 `from tidal.sampling import SamplingParams` keeps working, as the rest of tidal imports it so.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tidal.sampling_logits import LogitControls
 from tidal.sampling_params import SamplingParams
 from tidal.sampling_rng import draw, to_int64_seed
 
@@ -47,6 +50,8 @@ class SamplingMetadata:
     min_tokens_rows: torch.Tensor | None
     min_tokens_ids: torch.Tensor | None
     max_num_logprobs: int | None  # None = no row asked for logprobs
+    # allowed_token_ids, bad_words, logit_bias: None when no row uses any
+    controls: LogitControls | None = None
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], prompt_token_ids: list[list[int]],
@@ -100,6 +105,7 @@ class SamplingMetadata:
             min_tokens_rows=t(mt_rows, torch.int64) if mt_rows else None,
             min_tokens_ids=t(mt_ids, torch.int64) if mt_rows else None,
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+            controls=LogitControls.build(params, output_token_ids, vocab_size, device),
         )
 
 
@@ -173,8 +179,10 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """float32 logits after penalties and min_tokens: what greedy rows take the argmax of."""
+    """float32 logits after logit controls, penalties and min_tokens: what greedy rows take the argmax of."""
     logits = logits.to(torch.float32)
+    if meta.controls is not None:
+        logits = meta.controls.apply(logits)
     if meta.repetition_penalty is not None:
         logits = apply_penalties(logits, meta)
     if meta.min_tokens_rows is not None:

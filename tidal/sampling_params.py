@@ -1,15 +1,17 @@
 """One request's sampling knobs: `SamplingParams`, validated in __post_init__.
 
 Owns: the fields and their defaults, their normalisation (`stop` as a list, `structured_outputs`
-from a dict) and range checks, each failing with a TidalError that names the parameter, and
-`greedy` (the temperature below which a row takes the argmax).
+from a dict, `logit_bias` keys as ints) and range checks, each failing with a TidalError that
+names the parameter, `greedy` (the temperature below which a row takes the argmax), and
+`resolve_token_controls` (the checks that need the vocabulary, and `bad_words` -> token ids, which
+the engine runs at add_request since only it has the tokenizer).
 Must not: import torch or touch logits; turning a batch of these into tensors and sampling from
 them belongs to sampling.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tidal.errors import TidalError
 from tidal.structured.params import StructuredOutputsParams
@@ -17,6 +19,7 @@ from tidal.structured.params import StructuredOutputsParams
 # Below this a temperature is treated as greedy: dividing by it would overflow float32.
 _GREEDY_EPS = 1e-5
 _MAX_LOGPROBS = 20
+_MAX_LOGIT_BIAS = 100.0   # OpenAI's range for a logit_bias value
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -30,6 +33,13 @@ def _is_int(v) -> bool:
 
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _token_id(key) -> int | None:
+    """A logit_bias key as a token id: an int, or its decimal string (JSON object keys are strings)."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        key = int(key)
+    return key if _is_int(key) and key >= 0 else None
 
 
 @dataclass
@@ -55,6 +65,12 @@ class SamplingParams:
     # a grammar the output must match (JSON schema, regex, choice, EBNF); a dict is converted. Annotated
     # without `dict` so msgspec can decode SamplingParams (engine/step_io.py's messages carry it)
     structured_outputs: StructuredOutputsParams | None = None
+    # Logit controls (vLLM's semantics), applied before penalties, temperature and the filters:
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None   # only these may be sampled
+    bad_words: list[str] | None = None           # never generated, with or without a leading space
+    # bad_words as token sequences: filled by resolve_token_controls (the engine), or given directly
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self):
         if isinstance(self.structured_outputs, dict):   # also how it arrives over msgpack
@@ -97,6 +113,60 @@ class SamplingParams:
                f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        self._check_token_controls()
+
+    def _check_token_controls(self) -> None:
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias",
+                   "logit_bias must be an object mapping token ids to biases in [-100, 100]")
+            bias = {}
+            for key, value in self.logit_bias.items():
+                tid = _token_id(key)
+                _check(tid is not None, "logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+                _check(_is_num(value) and -_MAX_LOGIT_BIAS <= value <= _MAX_LOGIT_BIAS, "logit_bias",
+                       f"logit_bias values must be numbers in [-100, 100], got {value!r} for token {key}")
+                bias[tid] = float(value)
+            self.logit_bias = bias or None   # keys arrive as strings from JSON
+        if self.allowed_token_ids is not None:
+            _check(isinstance(self.allowed_token_ids, (list, tuple)) and len(self.allowed_token_ids) > 0
+                   and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids), "allowed_token_ids",
+                   "allowed_token_ids must be a non-empty list of token ids (integers >= 0)")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if self.bad_words is not None:
+            _check(isinstance(self.bad_words, (list, tuple))
+                   and all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+                   "bad_words must be a list of words, each with some non-whitespace text")
+            self.bad_words = list(self.bad_words) or None
+        if self.bad_words_token_ids is not None:
+            _check(isinstance(self.bad_words_token_ids, (list, tuple))
+                   and all(isinstance(seq, (list, tuple)) and seq and all(_is_int(t) and t >= 0 for t in seq)
+                           for seq in self.bad_words_token_ids), "bad_words",
+                   "bad_words_token_ids must be a list of non-empty token id lists")
+            self.bad_words_token_ids = [list(seq) for seq in self.bad_words_token_ids] or None
+
+    def resolve_token_controls(self, tokenizer, vocab_size: int) -> "SamplingParams":
+        """These params with `bad_words` tokenized (vLLM's way: each word with and without a leading
+        space, duplicates dropped) and every token id checked against the vocabulary. Returns self when
+        there is nothing to resolve, else a copy (the caller's object is left as it was)."""
+        bad_ids = self.bad_words_token_ids
+        if self.bad_words:
+            bad_ids = []
+            for word in self.bad_words:
+                for text in (word.lstrip(), " " + word.lstrip()):
+                    ids = list(tokenizer.encode(text, add_special_tokens=False))
+                    if ids and ids not in bad_ids:
+                        bad_ids.append(ids)
+        for param, ids in (("logit_bias", self.logit_bias or ()), ("allowed_token_ids", self.allowed_token_ids or ()),
+                           ("bad_words", [t for seq in bad_ids or () for t in seq])):
+            bad = next((t for t in ids if t >= vocab_size), None)
+            if bad is not None:
+                raise TidalError(f"{param} has token id {bad}, outside this model's vocabulary "
+                                 f"(0..{vocab_size - 1})", param=param)
+        if bad_ids == self.bad_words_token_ids:
+            return self
+        return replace(self, bad_words_token_ids=bad_ids)
 
     @property
     def greedy(self) -> bool:

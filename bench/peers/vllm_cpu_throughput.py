@@ -40,7 +40,8 @@ def hf_dir_for(model: str) -> str:
     m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16,
                                              quantization_config=GgufConfig(dequantize=True))
     m.hf_quantizer = None
-    del m.config.quantization_config
+    if hasattr(m.config, "quantization_config"):   # transformers 5.19 keeps it and then refuses to save
+        del m.config.quantization_config
     m.save_pretrained(out + ".tmp")
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out + ".tmp")
     os.replace(out + ".tmp", out)

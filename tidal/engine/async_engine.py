@@ -33,6 +33,7 @@ class AsyncEngine(EngineFrontend):
         bm = engine.block_manager
         self.kv_capacity_tokens = bm.num_blocks * bm.block_size
         self.vocab_size = getattr(getattr(engine, "runner", None), "vocab_size", None)
+        self.default_sampling = dict(getattr(engine, "default_sampling", {}))
         self._cond = threading.Condition()
         self._inbox: list[tuple] = []
         self._streams: dict[str, RequestStream] = {}   # engine thread only

@@ -37,6 +37,7 @@ class IncrementalDetokenizer:
         self._text = ""  # decoded output text (cut at the stop string once one matches)
         self._released = 0  # characters of _text already handed out
         self.stopped = False
+        self.stop_reason: str | None = None  # the stop string that matched (the engine reports it)
         self._finished = False
 
     @property
@@ -91,7 +92,7 @@ class IncrementalDetokenizer:
         if best is not None:
             i, s = best
             self._text = self._text[:i + len(s)] if self.params.include_stop_str_in_output else self._text[:i]
-            self.stopped = True
+            self.stopped, self.stop_reason = True, s
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""

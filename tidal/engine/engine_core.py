@@ -176,7 +176,7 @@ def run_engine_core(config_kwargs: dict, ipc_dir: str, verbose: bool, life: Life
         life.state = "serving"
         bm = engine.block_manager
         life.send(["ready", engine.max_model_len, bm.num_blocks * bm.block_size, engine.runner.vocab_size,
-                   _snapshot(engine)])
+                   _snapshot(engine), engine.default_sampling])
         _serve(engine, cmd, life, SamplingParams)
         life.send(["stopped"])
         return 0

@@ -76,7 +76,7 @@ class ProcessAsyncEngine(EngineFrontend):
         m = _dec.decode(self._out.recv())
         if m[0] == "fatal":
             raise TidalError(m[1], param=m[2]) if m[3] else RuntimeError(m[1])
-        _, self.max_model_len, self.kv_capacity_tokens, self.vocab_size, self._stats = m
+        _, self.max_model_len, self.kv_capacity_tokens, self.vocab_size, self._stats, self.default_sampling = m
 
     @property
     def is_running(self) -> bool:

@@ -65,6 +65,7 @@ class EngineFrontend(abc.ABC):
     max_model_len: int
     kv_capacity_tokens: int
     vocab_size: int | None = None
+    default_sampling: dict = {}   # the model's generation-config defaults (LLMEngine.default_sampling)
     _accepting = True
     _stats: dict
 

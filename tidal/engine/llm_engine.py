@@ -92,6 +92,7 @@ class LLMEngine:
                 raise TidalError("a request needs a prompt string or prompt token ids", param="prompt")
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         self._check_admission(prompt_token_ids, params)
+        params = params.resolve_token_controls(self.tokenizer, self.vocab_size)   # bad_words -> ids
         compiled = self.grammars.compile(params)   # a bad grammar is refused here, before anything is added
         now = arrival_time if arrival_time is not None else time.monotonic()
         children = []

@@ -1,77 +1,30 @@
-"""What chat and completions share: the server context, request -> SamplingParams, tokenization
-off the event loop, running engine requests until done or until the client leaves, and SSE.
+"""What chat and completions share: request -> SamplingParams, the per-request limits, running
+engine requests until done, until the client leaves or until the shutdown cut, and SSE.
 
-Owns: `ServerContext`, `sampling_params`, `run_requests` (one or many prompts, merged in arrival
-order, aborted when the client goes away or the handler is cancelled), `SSEResponse` (a streaming
-response that aborts its requests however the stream ends) and `sse`.
+Owns: `sampling_params` (with `structured_outputs`, the request's grammar constraint), `check_fits` / `check_num_seqs` (what a request may ask for), `add_requests`
+and `iterate` (one or many prompts, merged in arrival order, aborted when the client goes away, the
+handler is cancelled or `ServerContext.cut_streams` ends them), `SSEResponse` (a streaming response
+that aborts its requests however the stream ends) and `sse`. `ServerContext` lives in context.py.
 Must not: know the JSON shapes of chat or completion responses (serving_*.py own those).
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from tidal.engine.async_engine import AsyncEngine, RequestStream
+from tidal.engine.async_engine import RequestStream
 from tidal.sampling import SamplingParams
+from tidal.server.context import ServerContext
 from tidal.server.errors import APIError
-from tidal.server.metrics import ServerMetrics
 from tidal.server.protocol import MAX_N
-
-
-class ServerContext:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, model_aliases: tuple[str, ...] = ()):
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.served_model_name = served_model_name
-        self.model_names = {served_model_name, *model_aliases}
-        self.metrics = ServerMetrics(engine, served_model_name)
-        self.created = int(time.time())
-        # One worker: HF tokenizers may fail with "Already borrowed" when one instance is used from
-        # several threads at once, and tokenizing a long prompt on the event loop would stall it.
-        self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-tokenize")
-
-    def check_model(self, model: str | None) -> str:
-        if model is not None and model not in self.model_names:
-            raise APIError(f"the model `{model}` does not exist; this server serves `{self.served_model_name}` "
-                           "(see GET /v1/models)", status=404, param="model", code="model_not_found")
-        return self.served_model_name
-
-    async def run_in_tokenizer(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._tok_pool, fn, *args)
-
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self.run_in_tokenizer(lambda: list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)))
-
-    async def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError("this model has no chat template; use /v1/completions with a plain prompt",
-                           param="messages")
-
-        def work():
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
-            return list(out["input_ids"] if hasattr(out, "keys") else out)
-        try:
-            return await self.run_in_tokenizer(work)
-        except (ValueError, TypeError, KeyError) as e:   # jinja's TemplateError is an Exception subclass too
-            raise APIError(f"the chat template rejected these messages: {e}", param="messages")
-        except Exception as e:
-            if type(e).__module__.startswith("jinja2"):
-                raise APIError(f"the chat template rejected these messages: {e}", param="messages")
-            raise
-
-    def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    def close(self) -> None:
-        self._tok_pool.shutdown(wait=False, cancel_futures=True)
+from tidal.errors import TidalError
+from tidal.structured.compiler import validate as validate_grammar
+from tidal.structured.params import from_openai_request
 
 
 def logprob_value(v: float) -> float:
@@ -83,23 +36,66 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int) -> SamplingParams:
-    """Map request fields onto SamplingParams; its own checks raise TidalError(param=...) -> 400."""
-    if req.logit_bias:
-        raise APIError("logit_bias is not supported yet; drop it", param="logit_bias")
+def sampling_params(req, max_tokens: int | None, logprobs: int | None, n: int,
+                    defaults: dict | None = None) -> SamplingParams:
+    """Map request fields onto SamplingParams, a knob the request leaves unset (None) taking its
+    value from `defaults` (ServerContext.default_sampling); its checks raise TidalError -> 400."""
+    for stop in [req.stop] if isinstance(req.stop, str) else req.stop or ():
+        ServerContext.check_unicode(stop, "stop")
+    for word in req.bad_words or ():
+        ServerContext.check_unicode(word, "bad_words")
+    defaults = defaults or {}
+    if max_tokens is None:
+        max_tokens = defaults.get("max_tokens")
     kw = dict(n=n, max_tokens=max_tokens, stop=req.stop, seed=req.seed, logprobs=logprobs,
               ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, stop_token_ids=req.stop_token_ids,
-              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
+              skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+              logit_bias=req.logit_bias, allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words)
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty"):
         value = getattr(req, name)
-        if value is not None:   # None = the knob's neutral default (OpenAI's temperature default is 1)
+        if value is None:
+            value = defaults.get(name)
+        if value is not None:   # still None: SamplingParams' neutral default (OpenAI's temperature is 1)
             kw[name] = value
+    kw["structured_outputs"] = structured_outputs(req)
     return SamplingParams(**kw)
 
 
+def structured_outputs(req):
+    """The request's one output constraint (response_format, vLLM's guided_* or structured_outputs),
+    checked by xgrammar now, so a bad schema, regex or grammar is a 400 naming the field it came in."""
+    rf = getattr(req, "response_format", None)
+    fields = {"response_format": rf.as_dict() if rf is not None and rf.type != "text" else None,
+              "guided_json": req.guided_json, "guided_regex": req.guided_regex, "guided_choice": req.guided_choice,
+              "guided_grammar": req.guided_grammar, "structured_outputs": req.structured_outputs}
+    spec = from_openai_request(fields["response_format"], **{k: v for k, v in fields.items() if k != "response_format"})
+    if spec is not None:
+        source = next(k for k, v in fields.items() if v is not None)
+        try:
+            validate_grammar(spec)
+        except TidalError as e:
+            raise APIError(e.message.replace("structured_outputs", source, 1), param=source) from None
+    return spec
+
+
+def check_request(ctx: ServerContext, num_prompts: int, params: SamplingParams) -> None:
+    """What can be refused before any tokenizing: too many sequences for one request, and a
+    min_tokens that no prompt leaves room for."""
+    seqs, cap = num_prompts * params.n, ctx.max_seqs_per_request
+    if seqs > cap:
+        asked = f"{num_prompts} prompts x n={params.n} = {seqs} sequences" if num_prompts > 1 else f"n={params.n}"
+        raise APIError(f"this request asks for {asked}; the server runs at most {cap} sequences per request "
+                       "(--max-seqs-per-request); split it into smaller requests",
+                       param="n" if num_prompts == 1 or params.n > 1 else "prompt")
+    if params.min_tokens >= ctx.engine.max_model_len:
+        raise APIError(f"min_tokens={params.min_tokens} can never be reached: this model's context is "
+                       f"{ctx.engine.max_model_len} tokens, prompt included", param="min_tokens")
+
+
 def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams) -> None:
-    """Reject max_tokens past the context, and n samples that the whole KV cache could never hold."""
+    """Reject max_tokens or min_tokens past the context, and n samples that the whole KV cache could
+    never hold."""
     if params.n > MAX_N:
         raise APIError(f"n must be at most {MAX_N}, got {params.n}", param="n")
     limit = ctx.engine.max_model_len
@@ -108,6 +104,10 @@ def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams) -> N
         # engine's error, with param "prompt").
         raise APIError(f"this model's context is {limit} tokens and the prompt has {prompt_len}, so max_tokens can be "
                        f"at most {limit - prompt_len}; you asked for {params.max_tokens}", param="max_tokens")
+    if prompt_len < limit < prompt_len + params.min_tokens:
+        raise APIError(f"this model's context is {limit} tokens and the prompt has {prompt_len}, so at most "
+                       f"{limit - prompt_len} tokens can be generated; min_tokens={params.min_tokens} can never be "
+                       "reached", param="min_tokens")
     per_seq = min(prompt_len + (params.max_tokens or ctx.engine.max_model_len), ctx.engine.max_model_len)
     need = per_seq * params.n
     if params.n > 1 and need > ctx.engine.kv_capacity_tokens:
@@ -118,6 +118,8 @@ def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams) -> N
 async def add_requests(ctx: ServerContext, base_id: str, prompts: list[list[int]], params: SamplingParams,
                        priority: int) -> list[RequestStream]:
     """Admit every prompt or none: if one is rejected, the ones already added are aborted."""
+    if ctx.shutdown_message is not None:
+        raise ctx.shutdown_error()
     streams: list[RequestStream] = []
     try:
         for i, ids in enumerate(prompts):
@@ -134,40 +136,37 @@ async def iterate(ctx: ServerContext, streams: list[RequestStream],
                   arrival: float | None = None) -> AsyncIterator[tuple[int, object]]:
     """(prompt index, RequestOutput) as outputs arrive, over all streams; records metrics (latencies
     from `arrival`, the handler's start); aborts every unfinished stream when the consumer stops
-    early (disconnect, cancellation, error)."""
+    early (disconnect, cancellation, error) or `ctx.cut_streams` raises its 503 in here."""
     trackers = [ctx.metrics.tracker(arrival) for _ in streams]
-    try:
-        if len(streams) == 1:
-            async for out in streams[0]:
-                trackers[0].observe(out)
-                yield 0, out
-            return
-        queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int, s: RequestStream):
-            try:
-                async for out in s:
-                    queue.put_nowait((i, out, None))
-            except BaseException as e:   # noqa: BLE001 - handed to the consumer
-                queue.put_nowait((i, None, e))
-            finally:
-                queue.put_nowait((i, None, StopAsyncIteration()))
-        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    async def pump(i: int, s: RequestStream):
         try:
-            remaining = len(streams)
-            while remaining:
-                i, out, err = await queue.get()
-                if isinstance(err, StopAsyncIteration):
-                    remaining -= 1
-                elif err is not None:
-                    raise err
-                else:
-                    trackers[i].observe(out)
-                    yield i, out
+            async for out in s:
+                queue.put_nowait((i, out, None))
+        except BaseException as e:   # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, e))
         finally:
-            for t in tasks:
-                t.cancel()
+            queue.put_nowait((i, None, StopAsyncIteration()))
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    ctx.live.add(queue)
+    try:
+        if ctx.shutdown_message is not None:
+            raise ctx.shutdown_error()
+        remaining = len(streams)
+        while remaining:
+            i, out, err = await queue.get()
+            if isinstance(err, StopAsyncIteration):
+                remaining -= 1
+            elif err is not None:
+                raise err
+            else:
+                trackers[i].observe(out)
+                yield i, out
     finally:
+        ctx.live.discard(queue)
+        for t in tasks:
+            t.cancel()
         for s, t in zip(streams, trackers):
             if not s.finished:
                 s.abort()
@@ -229,5 +228,5 @@ class SSEResponse(StreamingResponse):
                     pass
 
 
-__all__ = ["ServerContext", "logprob_value", "sampling_params", "check_fits", "add_requests", "iterate",
-           "until_disconnect", "sse", "SSEResponse", "new_id"]
+__all__ = ["ServerContext", "logprob_value", "sampling_params", "check_request", "check_fits", "add_requests",
+           "iterate", "until_disconnect", "sse", "SSEResponse", "new_id"]

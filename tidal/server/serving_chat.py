@@ -1,22 +1,26 @@
 """POST /v1/chat/completions: messages -> chat template -> engine -> chat.completion(.chunk) JSON.
 
-Owns: validating what only chat has (messages, tools, response_format, top_logprobs), the
-`chat.completion` response and the `chat.completion.chunk` SSE stream (role chunk first, text
-deltas, one finish chunk per choice, optional usage chunk, `[DONE]`), and chat logprobs.
+Owns: validating what only chat has (messages, response_format, top_logprobs), the
+`chat.completion` response and the `chat.completion.chunk` SSE stream (role chunk first, text or
+tool-call deltas, one finish chunk per choice, optional usage chunk, `[DONE]`), and chat logprobs.
+Tools (`tools`, `tool_choice`, `tool_calls` in the output) are serving_tools.py's.
 Must not: tokenize outside the tokenizer worker or touch the engine other than through common.py.
 """
 from __future__ import annotations
 
+import json
 import time
 from contextlib import aclosing
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, logprob_value,
-                                 new_id, sampling_params, sse, until_disconnect)
+from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, check_request, iterate,
+                                 logprob_value, new_id, sampling_params, sse, until_disconnect)
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import ChatCompletionRequest
+from tidal.server.serving_tools import ChatTools
+from tidal.structured.tool_parsers import get_parser
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict]:
@@ -37,8 +41,23 @@ def _messages(req: ChatCompletionRequest) -> list[dict]:
         msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.name:
             msg["name"] = m.name
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            msg["tool_calls"] = [_earlier_call(c, f"messages.{i}.tool_calls.{j}") for j, c in enumerate(m.tool_calls)]
         out.append(msg)
     return out
+
+
+def _earlier_call(call, param: str) -> dict:
+    """An assistant message's tool call as templates read it: arguments as an object (vLLM does too)."""
+    try:
+        args = json.loads(call.function.arguments)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise APIError(f"`{param}.function.arguments` must be a JSON object's text", param=f"{param}.function.arguments")
+    return {"id": call.id or "", "type": "function", "function": {"name": call.function.name, "arguments": args}}
 
 
 def _logprob_entry(ctx: ServerContext, token_id: int, lp: dict[int, float], top: int) -> dict:
@@ -57,36 +76,40 @@ def _logprobs(ctx, token_ids, logprobs, top) -> dict | None:
     return {"content": [_logprob_entry(ctx, t, lp, top) for t, lp in zip(token_ids, logprobs)]}
 
 
-async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request):
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request, tool_parser=None):
+    """`tool_parser`: how tool_choice "auto" reads calls from the text (default: the template's format)."""
     arrival = time.monotonic()
     model = ctx.check_model(req.model)
     messages = _messages(req)
-    if req.tools:
-        raise APIError("tools / function calling is not supported yet; drop `tools`", param="tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise APIError("tool_choice needs tools, which are not supported yet", param="tool_choice")
+    tools = ChatTools(req.tools, req.tool_choice, tool_parser or get_parser("auto", ctx.tokenizer.chat_template),
+                      req.parallel_tool_calls)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
+    ctx.warn_unknown_fields("/v1/chat/completions", req)
     top = req.top_logprobs or 0
-    prompt_ids = await ctx.apply_chat_template(messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = sampling_params(req, max_tokens, top if req.logprobs else None, req.n)
+    params = tools.constrain(sampling_params(req, max_tokens, top if req.logprobs else None, req.n,
+                                             ctx.default_sampling))
+    check_request(ctx, 1, params)
+    messages, template_tools = tools.template_inputs(messages, ctx.tokenizer.chat_template)
+    prompt_ids = await ctx.apply_chat_template(messages, req.add_generation_prompt, tools=template_tools)
     check_fits(ctx, len(prompt_ids), params)
     rid = new_id("chatcmpl")
     streams = await add_requests(ctx, rid, [prompt_ids], params, req.priority)
     head = {"id": rid, "created": int(time.time()), "model": model}
     if req.stream:
         opts = req.stream_options
-        gen = _stream(ctx, streams, arrival, head, len(prompt_ids), req.n, top,
+        gen = _stream(ctx, streams, arrival, head, len(prompt_ids), req.n, top, tools,
                       bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
         return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
     final = await until_disconnect(raw, _last(ctx, streams, arrival))
     choices, completion_tokens = [], 0
     for c in final.outputs:
         completion_tokens += len(c.token_ids)
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
+        message, finish_reason = tools.message(c.text, c.finish_reason)
+        choices.append({"index": c.index, "message": message,
                         "logprobs": _logprobs(ctx, c.token_ids, c.logprobs, top) if req.logprobs else None,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                        "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
              "total_tokens": len(prompt_ids) + completion_tokens}
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
@@ -100,9 +123,10 @@ async def _last(ctx, streams, arrival):
     return final
 
 
-async def _stream(ctx, streams, arrival, head, prompt_len, n, top, include_usage, continuous_usage):
+async def _stream(ctx, streams, arrival, head, prompt_len, n, top, tools, include_usage, continuous_usage):
     head = {**head, "object": "chat.completion.chunk"}
     sent_tokens, finished = [0] * n, [False] * n
+    states = [tools.stream() for _ in range(n)]
 
     def chunk(choices, usage_now=False):
         body = {**head, "choices": choices}
@@ -115,21 +139,27 @@ async def _stream(ctx, streams, arrival, head, prompt_len, n, top, include_usage
                       "finish_reason": None} for i in range(n)])
         async with aclosing(iterate(ctx, streams, arrival)) as outputs:
             async for _, out in outputs:
-                choices = []
+                rounds: list[list[dict]] = []   # a choice's k-th event goes out in the k-th chunk
                 for c in out.outputs:
                     i = c.index
                     if finished[i]:
                         continue
                     new_ids = c.token_ids[sent_tokens[i]:]
-                    if not (c.delta_text or c.finish_reason or (c.logprobs is not None and new_ids)):
+                    events = states[i].feed(c.text, c.delta_text, c.finish_reason)
+                    if not events and c.logprobs is not None and new_ids:
+                        events = [({}, None)]
+                    if not events:
                         continue
                     lps = _logprobs(ctx, new_ids, c.logprobs[sent_tokens[i]:], top) if c.logprobs is not None else None
                     sent_tokens[i] = len(c.token_ids)
                     finished[i] = c.finish_reason is not None
-                    choices.append({"index": i, "delta": {"content": c.delta_text} if c.delta_text else {},
-                                    "logprobs": lps, "finish_reason": c.finish_reason,
-                                    "stop_reason": c.stop_reason})
-                if choices:
+                    for k, (delta, reason) in enumerate(events):
+                        if k == len(rounds):
+                            rounds.append([])
+                        rounds[k].append({"index": i, "delta": delta, "logprobs": lps if k == 0 else None,
+                                          "finish_reason": reason,
+                                          "stop_reason": c.stop_reason if reason is not None else None})
+                for choices in rounds:
                     yield chunk(choices, usage_now=True)
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(prompt_len, sum(sent_tokens))})

@@ -13,25 +13,31 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, iterate, logprob_value,
-                                 new_id, sampling_params, sse, until_disconnect)
+from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, check_request, iterate,
+                                 logprob_value, new_id, sampling_params, sse, until_disconnect)
+from tidal.server.context import LONG_CHARS
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import CompletionRequest
 
 
-async def _prompts(ctx: ServerContext, prompt) -> list[list[int]]:
+def _items(prompt) -> list:
+    """The prompts of a request: one string or token-id list, or a batch of them."""
     if isinstance(prompt, str):
-        items = [prompt]
-    elif not prompt:
+        return [prompt]
+    if not prompt:
         raise APIError("`prompt` is empty; give a string, a list of token ids, or a list of prompts",
                        param="prompt")
-    elif isinstance(prompt[0], int):
-        items = [prompt]
-    else:
-        items = list(prompt)
+    return [prompt] if isinstance(prompt[0], int) else list(prompt)
+
+
+async def _prompts(ctx: ServerContext, items: list) -> list[list[int]]:
+    texts = [p for p in items if isinstance(p, str)]
+    for text in texts:   # refuse a batch with a prompt that cannot fit before tokenizing any of it
+        ctx.check_length(len(text))
+    long = sum(map(len, texts)) > LONG_CHARS   # a big batch of short prompts is long work too
     out = []
     for p in items:
-        ids = await ctx.encode(p) if isinstance(p, str) else list(p)
+        ids = await ctx.encode(p, long=long) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError("a prompt is empty; give at least one token", param="prompt")
         out.append(ids)
@@ -59,11 +65,14 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
         raise APIError("best_of other than n is not supported; drop best_of", param="best_of")
     if req.echo and req.logprobs is not None:
         raise APIError("echo together with logprobs is not supported yet", param="echo")
-    prompts = await _prompts(ctx, req.prompt)
-    params = sampling_params(req, req.max_tokens, req.logprobs, req.n)
+    ctx.warn_unknown_fields("/v1/completions", req)
+    items = _items(req.prompt)
+    params = sampling_params(req, req.max_tokens, req.logprobs, req.n, ctx.default_sampling)
+    check_request(ctx, len(items), params)
+    prompts = await _prompts(ctx, items)
     for ids in prompts:
         check_fits(ctx, len(ids), params)
-    echo = [await ctx.run_in_tokenizer(ctx.tokenizer.decode, ids) for ids in prompts] if req.echo else None
+    echo = [await ctx.decode(ids) for ids in prompts] if req.echo else None
     rid = new_id("cmpl")
     streams = await add_requests(ctx, rid, prompts, params, req.priority)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
