@@ -77,20 +77,13 @@ def test_chunked_prefill_does_not_stall_decodes():
                     prompt_token_ids=_prompts(1, 300, 300, seed=9)[0])
     chunks = []
     while eng.scheduler.running or eng.scheduler.waiting:
-        batch = eng.scheduler.schedule()
-        sizes = {r.request_id: n for r, n in zip(batch.requests, batch.num_new_tokens)}
-        assert batch.total_tokens <= 64
+        so = eng.scheduler.schedule()
+        sizes = so.num_scheduled_tokens
+        assert so.total_num_scheduled_tokens == sum(sizes.values()) <= 64
         if "long" in sizes and "short" in [r.request_id for r in eng.scheduler.running]:
             assert sizes.get("short") == 1  # the decode advances every step while the prompt is chunked
         chunks.append(sizes.get("long", 0))
-        # run the step we scheduled
-        tables = [eng.block_manager.get_block_table(r.request_id) for r in batch.requests]
-        samples, _ = eng.runner.execute(batch, tables)
-        for r, n in zip(batch.requests, batch.num_new_tokens):
-            r.num_computed_tokens += n
-            eng.block_manager.cache_full_blocks(r.request_id, r.all_token_ids, r.num_computed_tokens)
-            if r.request_id in samples:
-                eng._append_token(r, *samples[r.request_id], 0.0)
+        eng._update(so, eng.runner.execute_model(so))   # run the step we scheduled
     assert sum(1 for c in chunks if c > 0) >= 5  # 300 prompt tokens over a 64-token budget
 
 
@@ -115,7 +108,7 @@ def test_preemption_picks_lowest_priority():
     victims = []
     while eng.has_unfinished_requests():
         eng.step()
-        victims += [r.request_id for r in eng.last_batch.preempted]
+        victims += eng.last_scheduler_output.preempted_req_ids
     assert victims and set(victims) == {"background"}
 
 

@@ -11,7 +11,6 @@ import transformers
 from tidal import LLM, SamplingParams, TidalError
 from tidal.config import EngineConfig
 from tidal.engine.offload_runner import split_batch
-from tidal.engine.scheduler import ScheduledBatch
 from tidal.kernels import host_kv, torch_ops
 from tidal.kernels.metadata import AttentionMetadata
 from tidal.policy import Policy
@@ -110,7 +109,7 @@ def test_each_layer_loaded_once_per_step(llama_dir, resident):
         for o in eng.step():
             if o.finished:
                 out[o.request_id] = o.outputs[0].token_ids
-        assert len(eng.last_batch.requests) == len(PROMPTS)  # one batch each step, split in 4 micro-batches
+        assert len(eng.last_scheduler_output.num_scheduled_tokens) == len(PROMPTS)  # one batch each step, split in 4 micro-batches
     assert [out[str(i)] for i in range(len(PROMPTS))] == resident
     # a cold load of layer 0, then per step every layer once (the last one prefetches layer 0 again)
     assert eng.runner.prefetcher.stats["loads"] == steps * NUM_LAYERS + 1
@@ -169,10 +168,10 @@ def test_tiers_and_split():
     assert assign_tiers([10] * 4, (30, 40, 30)) == ["device", "host", "host", "disk"]
     assert assign_tiers([10] * 3, (0, 0, 100)) == ["disk"] * 3
     assert assign_tiers([10] * 3, (100, 0, 0)) == ["device"] * 3
-    b = ScheduledBatch(list("abcde"), [1, 2, 3, 4, 5])
-    parts = split_batch(b, [[i] for i in range(5)], 4)
-    assert [p[0].requests for p in parts] == [["a", "b"], ["c"], ["d"], ["e"]]
-    assert [p[1] for p in parts[:2]] == [[[0], [1]], [[2]]]
+    rows = list(zip("abcde", [1, 2, 3, 4, 5]))
+    parts = split_batch(rows, 4)
+    assert [[s for s, _ in p] for p in parts] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert parts[0] == [("a", 1), ("b", 2)] and split_batch(rows[:2], 4) == [[("a", 1)], [("b", 2)]]
     with pytest.raises(TidalError, match="policy"):
         EngineConfig(model="x", device="cpu", dtype="float32", policy="w=10,10,10")
     assert Policy.parse("w=0,0,100 bs=4 mb=2").effective_batch == 8

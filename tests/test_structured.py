@@ -132,7 +132,7 @@ def test_grammar_request_waits_for_its_compile(llm, prompt):
                         prompt_token_ids=prompt["prompt_token_ids"])
         eng.add_request("p", None, SamplingParams(temperature=0, max_tokens=2), prompt_token_ids=[1, 2, 3])
         eng.step()
-        assert [r.request_id for r in eng.last_batch.requests] == ["p"]
+        assert list(eng.last_scheduler_output.num_scheduled_tokens) == ["p"]
         pending.set_result(real.result())
         pending = Future()   # for the next request, which is aborted before its compile ends
         outs = {}

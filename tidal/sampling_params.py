@@ -62,8 +62,9 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # a grammar the output must match (JSON schema, regex, choice, EBNF); a dict is converted
-    structured_outputs: StructuredOutputsParams | dict | None = None
+    # a grammar the output must match (JSON schema, regex, choice, EBNF); a dict is converted. Annotated
+    # without `dict` so msgspec can decode SamplingParams (engine/step_io.py's messages carry it)
+    structured_outputs: StructuredOutputsParams | None = None
     # Logit controls (vLLM's semantics), applied before penalties, temperature and the filters:
     logit_bias: dict[int, float] | None = None   # token id -> added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None   # only these may be sampled

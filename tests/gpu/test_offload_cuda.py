@@ -8,10 +8,8 @@ import transformers
 
 from tidal.config import EngineConfig
 from tidal.engine.model_runner import ModelRunner
-from tidal.engine.request import Request
-from tidal.engine.scheduler import ScheduledBatch
-from tidal.kv.block_manager import BlockManager
 from tidal.sampling import SamplingParams
+from model_utils import ManualScheduler   # tests/ is on sys.path (conftest.py)
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -36,23 +34,12 @@ def model_dir(tmp_path_factory):
 
 
 def greedy(runner: ModelRunner, prompts=PROMPTS, new_tokens: int = 6) -> list[list[int]]:
-    """All prompts in one batch, prefill then decode steps through runner.execute (both schedules)."""
+    """All prompts in one batch, prefill then decode steps through runner.execute_model (both schedules)."""
     runner.eos_token_ids = []
-    bm = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching=False)
-    reqs = [Request(str(i), list(p), SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), seed=0)
-            for i, p in enumerate(prompts)]
-    for _ in range(new_tokens):
-        batch = ScheduledBatch()
-        for r in reqs:
-            n = r.num_tokens - r.num_computed_tokens
-            assert bm.allocate_slots(r.request_id, r.all_token_ids, r.num_computed_tokens, n)
-            batch.requests.append(r)
-            batch.num_new_tokens.append(n)
-        samples, _ = runner.execute(batch, [bm.get_block_table(r.request_id) for r in reqs])
-        for r, n in zip(batch.requests, batch.num_new_tokens):
-            r.num_computed_tokens += n
-            r.append_output(samples[r.request_id][0])
-    return [r.output_token_ids for r in reqs]
+    sched = ManualScheduler(runner.num_blocks, runner.block_size, {str(i): list(p) for i, p in enumerate(prompts)},
+                            SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    out = sched.run(runner)
+    return [out[str(i)] for i in range(len(prompts))]
 
 
 def _runner(model_dir, policy="auto", **kw):

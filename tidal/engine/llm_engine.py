@@ -1,9 +1,13 @@
 """The engine loop: schedule -> execute -> update.
 
 Owns: `LLMEngine` (add_request / abort_request / step), admission checks (prompt too long,
-cache too small), n > 1 fan-out into sibling requests, stop conditions (a grammar's end among
-them), incremental detokenization into text deltas, KV-block bookkeeping after each step, and
-the engine stats the server's metrics read.
+cache too small), n > 1 fan-out into sibling requests, acting on stop conditions (stop_checks.py
+checks them, a grammar's end among them), incremental detokenization into text deltas, KV-block
+bookkeeping after each step, and the engine stats the server's metrics read. A step:
+`so = scheduler.schedule()` (a plain-data `SchedulerOutput`; the engine adds the grammar bitmask
+rows) -> `out = runner.execute_model(so)` (a `ModelRunnerOutput`) -> `_update(so, out)`. The
+configuration is resolved once, before anything is built (engine/resolve.py); the scheduler and
+the runner both read that plan.
 Must not: know about HTTP or threads (the async engine and server sit above it).
 """
 from __future__ import annotations
@@ -17,7 +21,10 @@ from tidal.config import EngineConfig
 from tidal.engine.detokenizer import IncrementalDetokenizer
 from tidal.engine.model_runner import ModelRunner
 from tidal.engine.request import Request, RequestStatus
+from tidal.engine.resolve import resolve_engine_config
 from tidal.engine.scheduler import Scheduler
+from tidal.engine.step_io import ModelRunnerOutput, SchedulerOutput
+from tidal.engine.stop_checks import check_stop, eos_ids
 from tidal.engine.structured_requests import GrammarRequests
 from tidal.errors import TidalError
 from tidal.kv.block_manager import BlockManager
@@ -41,8 +48,9 @@ class _Parent:
 class LLMEngine:
     def __init__(self, config: EngineConfig, verbose: bool = False):
         self.config = config
-        self.runner = ModelRunner(config, verbose=verbose)
-        ckpt = self.runner.checkpoint
+        self.resolved = resolved = resolve_engine_config(config)
+        self.runner = ModelRunner(resolved, verbose=verbose)
+        ckpt = resolved.checkpoint
         if config.tokenizer:
             from transformers import AutoTokenizer
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
@@ -50,19 +58,21 @@ class LLMEngine:
             self.tokenizer = ckpt.load_tokenizer()
         # the sampling a request leaves unset, from the model's generation config (vLLM's rule)
         self.default_sampling, extra_eos = generation_defaults(config.model, ckpt.path, config.generation_config)
-        self.eos_token_ids = _eos_ids(self.tokenizer, ckpt.hf_config) | extra_eos
+        self.eos_token_ids = eos_ids(self.tokenizer, ckpt.hf_config) | extra_eos
         self.runner.eos_token_ids = self.eos_token_ids
-        self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        # an offloading policy's batch: bs sequences in each of mb micro-batches
-        max_num_seqs = self.runner.policy.effective_batch or config.max_num_seqs
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, config.max_num_batched_tokens)
-        self.grammars = GrammarRequests(self.tokenizer, self.runner.vocab_size, self.eos_token_ids)
+        self.max_model_len = resolved.max_model_len
+        self.vocab_size = resolved.vocab_size
+        # the one KV figure that can depend on the loaded weights (resolve.py): the runner's, sized at load
+        num_blocks = resolved.num_kv_blocks or self.runner.num_blocks
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # an offloading policy's batch and token budget (bs sequences in each of mb micro-batches): resolve.py
+        self.scheduler = Scheduler(self.block_manager, resolved.max_num_seqs, resolved.max_num_batched_tokens)
+        self.grammars = GrammarRequests(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._rng = random.Random(config.seed)
         self._parents: dict[str, _Parent] = {}
         self._requests: dict[str, Request] = {}
         self._counter = 0
-        self.last_batch = None   # the most recent step's schedule, for stats and tests
+        self.last_scheduler_output: SchedulerOutput | None = None   # the most recent step's, for tests
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0}
 
     # ---- requests ----------------------------------------------------------------------------
@@ -82,7 +92,7 @@ class LLMEngine:
                 raise TidalError("a request needs a prompt string or prompt token ids", param="prompt")
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         self._check_admission(prompt_token_ids, params)
-        params = params.resolve_token_controls(self.tokenizer, self.runner.vocab_size)   # bad_words -> ids
+        params = params.resolve_token_controls(self.tokenizer, self.vocab_size)   # bad_words -> ids
         compiled = self.grammars.compile(params)   # a bad grammar is refused here, before anything is added
         now = arrival_time if arrival_time is not None else time.monotonic()
         children = []
@@ -108,9 +118,9 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise TidalError(f"the prompt has {n} tokens but this model's context is {self.max_model_len} tokens "
                              "(prompt plus at least one generated token); shorten the prompt", param="prompt")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.runner.vocab_size]
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise TidalError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.runner.vocab_size - 1})",
+            raise TidalError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                              param="prompt")
         total = min(n + (params.max_tokens or self.max_model_len), self.max_model_len)
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
@@ -147,23 +157,34 @@ class LLMEngine:
             self.scheduler.add(req)
         for req in failed:   # validated at add_request, so only an xgrammar bug lands here
             self._finish(req, "abort")
-        batch = self.last_batch = self.scheduler.schedule()
-        touched: set[str] = {r.parent_id for r in batch.preempted + failed}
-        if batch.requests:
-            tables = [self.block_manager.get_block_table(r.request_id) for r in batch.requests]
-            samples, prompt_lps = self.runner.execute(
-                batch, tables, self.grammars.bitmask(batch.requests, batch.num_new_tokens))
-            now = time.monotonic()
-            for req, n in zip(batch.requests, batch.num_new_tokens):
-                req.num_computed_tokens += n
-                self.block_manager.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
-                if req.request_id in prompt_lps:
-                    req.prompt_logprobs = (req.prompt_logprobs or []) + prompt_lps[req.request_id]
-                if req.request_id in samples:
-                    token, lp = samples[req.request_id]
-                    self._append_token(req, token, lp, now)
-                    touched.add(req.parent_id)
+        so = self.last_scheduler_output = self.scheduler.schedule()
+        touched: set[str] = {r.parent_id for r in failed}
+        touched.update(self._requests[rid].parent_id for rid in so.preempted_req_ids)
+        if so.num_scheduled_tokens:
+            so.grammar_bitmask = self.grammars.bitmask(
+                [self._requests[rid] for rid in so.num_scheduled_tokens], list(so.num_scheduled_tokens.values()))
+        if so.num_scheduled_tokens or so.finished_req_ids:   # an idle step still drops finished state
+            touched |= self._update(so, self.runner.execute_model(so))
         return [self._make_output(pid) for pid in touched if pid in self._parents]
+
+    def _update(self, so: SchedulerOutput, out: ModelRunnerOutput) -> set[str]:
+        """Advance each scheduled request by what the runner computed and sampled; returns the parent ids
+        with new output."""
+        touched = set()
+        now = time.monotonic()
+        for rid, tokens, lps in zip(out.req_ids, out.sampled_token_ids, out.logprobs):
+            req = self._requests[rid]
+            req.num_computed_tokens += so.num_scheduled_tokens[rid]
+            self.block_manager.cache_full_blocks(rid, req.all_token_ids, req.num_computed_tokens)
+            if rid in out.prompt_logprobs:
+                req.prompt_logprobs = (req.prompt_logprobs or []) + out.prompt_logprobs[rid]
+            for j, token in enumerate(tokens):
+                if req.is_finished:   # stopped before the last of several accepted tokens
+                    break
+                self._append_token(req, token, lps[j] if lps is not None else None, now)
+            if tokens:
+                touched.add(req.parent_id)
+        return touched
 
     def _append_token(self, req: Request, token: int, lp, now: float) -> None:
         if req.first_token_time is None:
@@ -179,24 +200,11 @@ class LLMEngine:
             req.logprobs.append(lp)
             req.cumulative_logprob += lp[token]
         delta, stopped = req.detokenizer.append(token)
-        p = req.params
-        n_out = len(req.output_token_ids)
-        reason, stop_reason = None, None
         if refused:
             logger.error("request %s: its grammar refused sampled token %d; aborting it", req.request_id, token)
-            reason = "abort"
-        elif stopped:
-            reason, stop_reason = "stop", getattr(req.detokenizer, "stop_reason", None)
-        elif n_out >= p.min_tokens and token in (p.stop_token_ids or ()):
-            reason, stop_reason = "stop", token
-        elif n_out >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
-            reason = "stop"
-        elif req.grammar is not None and req.grammar.is_terminated:   # the grammar's end: it took a stop token
-            reason = "stop"
-        elif p.max_tokens is not None and n_out >= p.max_tokens:
-            reason = "length"
-        elif req.num_tokens >= self.max_model_len:
-            reason = "length"
+            reason, stop_reason = "abort", None
+        else:
+            reason, stop_reason = check_stop(req, token, stopped, self.eos_token_ids, self.max_model_len)
         self._add_delta(req, delta, [token])
         if reason is not None:
             if not stopped:
@@ -243,12 +251,3 @@ class LLMEngine:
     def kv_stats(self) -> dict:
         return self.block_manager.stats()
 
-
-def _eos_ids(tokenizer, hf_config) -> set[int]:
-    ids = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(hf_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids

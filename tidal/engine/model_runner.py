@@ -1,63 +1,54 @@
-"""Runs the model for one scheduled batch.
+"""Runs the model for one step's `SchedulerOutput` and returns a `ModelRunnerOutput`.
 
-Owns: loading the model onto the device, the KV cache tensors (one pool, sized from
---kv-mem / --num-kv-blocks), building the flat batch tensors (token ids, positions, slot
-mapping, block tables, sequence lengths), the forward pass, and sampling. When the policy
-(--policy, --host-mem) offloads weights or micro-batches a step, the model is built and each
-step run by engine/offload_runner.py; both schedules share `_prepare` and `_sample`.
-Must not: decide who runs (the scheduler does) or touch request lifecycles (the engine does).
+Owns: loading the model onto the device, the KV cache tensors (one pool, sized by the resolve step,
+engine/resolve.py), its own per-request state (engine/input_batch.py's `InputBatch`, updated from each
+`SchedulerOutput`), building the flat batch tensors from that state, the forward pass, and sampling
+(the sampled tokens are appended to its state). When the policy offloads weights or micro-batches a
+step, the model is built and each step run by engine/offload_runner.py; both schedules share
+`prepare_batch` and `_sample`.
+Must not: decide who runs (the scheduler does), touch request lifecycles (the engine does), or read
+scheduler- or engine-owned objects (`Request`, the block manager): it knows only the step messages
+(engine/step_io.py), so the same messages could drive several worker processes.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from tidal.config import EngineConfig
-from tidal.engine.offload_runner import OffloadSchedule, build_offloaded_model, kv_cache_tiers, resolve_policy
-from tidal.engine.request import Request
-from tidal.engine.scheduler import ScheduledBatch
+from tidal.engine.input_batch import InputBatch, Row, prepare_batch
+from tidal.engine.offload_runner import OffloadSchedule, build_offloaded_model, kv_cache_tiers
+from tidal.engine.resolve import ResolvedEngine, num_kv_blocks_for, resolve_engine_config
+from tidal.engine.step_io import ModelRunnerOutput, SchedulerOutput
 from tidal.errors import TidalError
 from tidal.kernels import get_backend
-from tidal.kernels.metadata import AttentionMetadata, forward_context
-from tidal.kv.quant_cache import allocate_kv_cache, kv_bytes_per_token, kv_file
-from tidal.model.registry import build_model, get_model_class
+from tidal.kernels.metadata import forward_context
+from tidal.kv.quant_cache import allocate_kv_cache, kv_file
+from tidal.model.registry import build_model
 from tidal.sampling import Sampler, SamplingMetadata
 from tidal.structured.bitmask import GrammarBitmask, apply_bitmask
 from tidal.weights.dummy import fill_dummy
-from tidal.weights.loader import Checkpoint, open_checkpoint
-from tidal.model.quantize import quantize_model, resolve_quantization
-
-
-@dataclass
-class BatchLayout:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    sample_idx: list[int]          # flat rows whose logits are sampled
-    sample_reqs: list[Request]
-    plp_rows: list
-
-_DEFAULT_CPU_KV_MEM = 2 << 30
+from tidal.model.quantize import quantize_model
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, verbose: bool = False):
-        self.config = config
+    def __init__(self, resolved: ResolvedEngine | EngineConfig, checkpoint=None, verbose: bool = False):
+        """`resolved`: the engine's resolved plan; a bare EngineConfig (a runner used on its own, as
+        tests do) is resolved here."""
+        if isinstance(resolved, EngineConfig):
+            resolved = resolve_engine_config(resolved, checkpoint)
+        self.resolved = resolved
+        config = self.config = resolved.config
         self.device, self.dtype = config.torch_device, config.torch_dtype
         t0 = time.perf_counter()
-        self.checkpoint = checkpoint or open_checkpoint(config.model, require_weights=config.load_format != "dummy")
-        hf = self.hf_config = self.checkpoint.hf_config
-        get_model_class(hf)  # unknown architecture -> clear error before any work
-        model_len = getattr(hf, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(config.max_model_len or model_len, model_len)
-        # where weights / KV live and how a step is micro-batched (engine/offload_runner.py)
-        self.policy, self.plan = resolve_policy(config, hf, self.max_model_len, self.checkpoint)
-        # (bits, group size) or None: --quant, or what a `tidal quantize` directory already holds
-        quant = resolve_quantization(config.quant if config.quant != "none" else self.policy.quant,
-                                     getattr(self.checkpoint, "quantization", None))
+        self.checkpoint = resolved.checkpoint
+        hf = self.hf_config = resolved.hf_config
+        self.max_model_len = resolved.max_model_len
+        # where weights / KV live and how a step is micro-batched (resolved; engine/offload_runner.py runs it)
+        self.policy, self.plan = resolved.policy, resolved.plan
+        model_len, quant = resolved.model_max_position, resolved.quant
         self.prefetcher = None
         if self.policy.offloads_weights:
             self.model, self.placement, self.prefetcher = build_offloaded_model(
@@ -71,14 +62,16 @@ class ModelRunner:
             for module in self.model.modules():
                 if hasattr(module, "pack"):
                     module.pack(backend)
-        self.schedule = OffloadSchedule(self, self.policy.num_micro_batches, self.prefetcher) \
-            if self.policy.offloads_weights or self.policy.num_micro_batches > 1 else None
+        self.schedule = OffloadSchedule(self, resolved.num_micro_batches, self.prefetcher) \
+            if self.policy.offloads_weights or resolved.num_micro_batches > 1 else None
         self.load_seconds = time.perf_counter() - t0
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        self.block_size = config.block_size
-        self.num_blocks = self._num_blocks()
+        self.block_size = resolved.block_size
+        # resolved before the build, except where it depends on what the loaded weights leave
+        self.num_blocks = resolved.num_kv_blocks or num_kv_blocks_for(
+            resolved, weights_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()))
         # per layer (k_cache, v_cache): [num_blocks, block_size, kv_heads, head_dim] tensors, or QuantKVCache
         # the policy's host share lives in CPU memory, its disk share in memory-mapped --offload-dir files
         kv_tiers = kv_cache_tiers(self.policy, self.num_layers, self.device)
@@ -91,7 +84,9 @@ class ModelRunner:
                                             else None)
                           for i, t in enumerate(kv_tiers)]
         self.sampler = Sampler()
-        self.vocab_size = hf.vocab_size
+        self.vocab_size = resolved.vocab_size
+        self.eos_token_ids: set[int] = set()   # the engine sets them (tokenizer + generation config)
+        self.input_batch = InputBatch()
 
     def _load_weights(self, verbose: bool, quant: tuple[int, int | None] | None = None) -> None:
         if self.config.load_format == "dummy":
@@ -111,136 +106,80 @@ class ModelRunner:
             raise TidalError(f"{self.checkpoint.path}: weights do not fit the model ({e})", param="model") from None
 
     def kv_bytes_per_block(self) -> int:
-        per_token = kv_bytes_per_token(self.num_kv_heads, self.head_dim, self.dtype, self.config.kv_quant)
-        return 2 * self.num_layers * self.block_size * per_token
-
-    def _num_blocks(self) -> int:
-        if self.config.num_kv_blocks:
-            return self.config.num_kv_blocks
-        budget = self.config.kv_mem_bytes
-        if budget is None and self.plan is not None:  # --policy auto's plan: the KV its batch needs
-            budget = int(sum(parts["kv"] for parts in self.plan.memory_parts.values())) + \
-                self.kv_bytes_per_block() * self.policy.effective_batch
-        if budget is None and self.config.device_mem_bytes:
-            # everything resident: the KV pool gets what the weights leave, less a tenth for activations
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            budget = int(self.config.device_mem_bytes * 0.9) - weights
-            if budget <= 0:
-                raise TidalError(f"--device-mem {self.config.device_mem} does not even hold the weights "
-                                 f"({weights / 2**30:.2f} GiB); give more", param="device_mem")
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.85)
-            else:
-                budget = _DEFAULT_CPU_KV_MEM
-        n = budget // self.kv_bytes_per_block()
-        if n < 1:
-            raise TidalError(f"--kv-mem {budget} bytes is smaller than one KV block "
-                             f"({self.kv_bytes_per_block()} bytes); give it more", param="kv_mem")
-        # never more blocks than every sequence at full length could use
-        return int(min(n, self.config.max_num_seqs * (self.max_model_len // self.block_size + 1)))
+        return self.resolved.kv_bytes_per_block
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, block_tables: list[list[int]]):
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Update the runner's state from `so`, run the scheduled rows, sample those that reached their last
+        token (masking the rows in `so.grammar_bitmask` first), append the sampled tokens to the state."""
+        rows = self.input_batch.update(so)
+        if not rows:
+            return ModelRunnerOutput()
+        parts = self.schedule.forward(rows) if self.schedule is not None else [self.forward(rows)]
+        return self._sample(rows, parts, so.grammar_bitmask)
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row]):
         """Build the flat batch, write its K/V into the cache, and return (hidden [T, H], batch layout)."""
-        layout = self._prepare(batch, block_tables)
+        layout = prepare_batch(rows, self.block_size, self.device)
         with forward_context(layout.meta, self.kv_caches):
             hidden = self.model(layout.input_ids, layout.positions)
         return hidden, layout
 
-    def _prepare(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> "BatchLayout":
-        dev, bs = self.device, self.block_size
-        input_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
-        sample_idx, sample_reqs, plp_rows = [], [], []   # plp: (request, flat start, tokens) for prompt logprobs
-        for req, n, table in zip(batch.requests, batch.num_new_tokens, block_tables):
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
-            flat_start = len(input_ids)
-            input_ids.extend(req.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            seq_lens.append(end)
-            if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens:
-                plp_rows.append((req, flat_start, min(end, req.num_prompt_tokens) - start))
-            if end == req.num_tokens:  # a chunk that stops short of the end samples nothing
-                sample_idx.append(len(input_ids) - 1)
-                sample_reqs.append(req)
-        max_blocks = max(len(t) for t in block_tables)
-        bt = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int64)
-        qsl = [0]
-        for q in query_lens:
-            qsl.append(qsl[-1] + q)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            block_tables=bt.to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int64).to(dev, non_blocking=True),
-            query_lens_list=query_lens, seq_lens_list=seq_lens,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=bs)
-        return BatchLayout(torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True),
-                           torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True),
-                           meta, sample_idx, sample_reqs, plp_rows)
-
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]],
-                grammar: GrammarBitmask | None = None) -> tuple[dict[str, object], dict]:
-        """Run one step. Returns ({request_id: (token, logprobs)} for requests that reached their last
-        token, {request_id: prompt logprobs of this chunk}). `grammar`: the allowed tokens of the
-        requests that sample under a grammar (structured output); the other rows are not touched."""
-        parts = self.schedule.forward(batch, block_tables) if self.schedule is not None \
-            else [self.forward(batch, block_tables)]
-        return self._sample(parts, grammar)
-
-    def _sample(self, parts: list, grammar: GrammarBitmask | None = None) -> tuple[dict[str, object], dict]:
+    def _sample(self, rows: list[Row], parts: list, grammar: GrammarBitmask | None = None) -> ModelRunnerOutput:
         """Sample the rows that need it from [(hidden, BatchLayout)] (one per micro-batch), as one batch."""
         dev = self.device
-        prompt_logprobs, rows, sample_reqs = {}, [], []
+        out = ModelRunnerOutput(req_ids=[s.req_id for s, _ in rows], sampled_token_ids=[[] for _ in rows],
+                                logprobs=[None] * len(rows))
+        hidden_rows, states = [], []
         for hidden, layout in parts:
             if layout.plp_rows:
-                prompt_logprobs.update(self._prompt_logprobs(hidden, layout.plp_rows))
-            if layout.sample_reqs:
-                rows.append(hidden[torch.tensor(layout.sample_idx, device=dev)])
-                sample_reqs += layout.sample_reqs
-        if not sample_reqs:
-            return {}, prompt_logprobs
-        logits = self.model.compute_logits(torch.cat(rows) if len(rows) > 1 else rows[0]).float()
+                out.prompt_logprobs.update(self._prompt_logprobs(hidden, layout.plp_rows))
+            if layout.sample_states:
+                hidden_rows.append(hidden[torch.tensor(layout.sample_idx, device=dev)])
+                states += layout.sample_states
+        if not states:
+            return out
+        logits = self.model.compute_logits(torch.cat(hidden_rows) if len(hidden_rows) > 1 else hidden_rows[0]).float()
         if grammar is not None:   # before penalties and sampling, so greedy and seeded draws both obey it
-            row_of = {r.request_id: i for i, r in enumerate(sample_reqs)}
+            row_of = {s.req_id: i for i, s in enumerate(states)}
             apply_bitmask(logits, [row_of[rid] for rid in grammar.request_ids], grammar)
         smeta = SamplingMetadata.build(
-            [r.params for r in sample_reqs], [r.seed for r in sample_reqs],
-            [r.prompt_token_ids for r in sample_reqs], [r.output_token_ids for r in sample_reqs],
+            [s.sampling_params for s in states], [s.seed for s in states],
+            [s.prompt_token_ids for s in states], [s.output_token_ids for s in states],
             self.eos_token_ids, self.vocab_size, dev)
-        out = self.sampler(logits, smeta)
-        token_ids = out.token_ids.tolist()
-        chosen_lp = out.logprobs.tolist() if out.logprobs is not None else None
-        top = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist()) if out.top_logprobs is not None else None
-        results = {}
-        for i, req in enumerate(sample_reqs):
-            lp = None
-            if req.params.logprobs is not None and chosen_lp is not None:
+        sampled = self.sampler(logits, smeta)
+        token_ids = sampled.token_ids.tolist()
+        chosen_lp = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        top = (sampled.top_logprobs[0].tolist(), sampled.top_logprobs[1].tolist()) \
+            if sampled.top_logprobs is not None else None
+        index = {req_id: i for i, req_id in enumerate(out.req_ids)}
+        for i, state in enumerate(states):
+            num_lp = state.sampling_params.logprobs
+            if num_lp is not None and chosen_lp is not None:
                 lp = {token_ids[i]: chosen_lp[i]}
                 if top is not None:
-                    for v, t in list(zip(top[0][i], top[1][i]))[:req.params.logprobs]:
+                    for v, t in list(zip(top[0][i], top[1][i]))[:num_lp]:
                         lp.setdefault(t, v)
-            results[req.request_id] = (token_ids[i], lp)
-        return results, prompt_logprobs
+                out.logprobs[index[state.req_id]] = [lp]
+            out.sampled_token_ids[index[state.req_id]] = [token_ids[i]]
+            state.append_output(token_ids[i])   # the runner's own copy; the engine appends to its Request
+        return out
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows) -> dict:
         """Logprob of each prompt token given the ones before it, plus the top-k there."""
         result = {}
-        for req, flat_start, n in rows:
-            start = req.num_computed_tokens
+        for state, flat_start, n in rows:
+            start = state.num_computed_tokens
             # position p predicts token p+1; the last prompt position predicts the first output, not a prompt token
-            n_pred = min(n, req.num_prompt_tokens - 1 - start)
+            n_pred = min(n, state.num_prompt_tokens - 1 - start)
             entries = []
             if n_pred > 0:
                 lps = torch.log_softmax(self.model.compute_logits(hidden[flat_start:flat_start + n_pred]).float(), -1)
-                target_ids = req.prompt_token_ids[start + 1:start + 1 + n_pred]
+                target_ids = state.prompt_token_ids[start + 1:start + 1 + n_pred]
                 targets = torch.tensor(target_ids, device=lps.device)
                 chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
-                k = req.params.prompt_logprobs
+                k = state.sampling_params.prompt_logprobs
                 topv, topi = lps.topk(k, dim=-1) if k > 0 else (None, None)
                 for j in range(n_pred):
                     d = {target_ids[j]: chosen[j]}
@@ -248,5 +187,5 @@ class ModelRunner:
                         for v, t in zip(topv[j].tolist(), topi[j].tolist()):
                             d.setdefault(t, v)
                     entries.append(d)
-            result[req.request_id] = ([None] if start == 0 else []) + entries
+            result[state.req_id] = ([None] if start == 0 else []) + entries
         return result

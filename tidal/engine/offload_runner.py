@@ -1,14 +1,13 @@
-"""The throughput side of the model runner: which policy applies, a model whose weights are placed
-by it, and the zig-zag step schedule.
+"""The throughput side of the model runner: a model whose weights are placed by the resolved policy
+(engine/resolve.py chooses it), and the zig-zag step schedule.
 
-Owns: `resolve_policy` (--policy, or for "auto" all-resident unless --host-mem / --device-mem
-limit memory, then tidal/plan's choice), `build_offloaded_model`
-(a model built on the CPU, filled by model/placed_loading.py, resident parts quantized and
-packed, a LayerPrefetcher on the streamed layers), and `OffloadSchedule`: a step run layer by
+Owns: `build_offloaded_model` (a model built on the CPU, filled by model/placed_loading.py,
+resident parts quantized and packed, a LayerPrefetcher on the streamed layers), and `OffloadSchedule`: a step run layer by
 layer over `num_micro_batches` micro-batches, so each streamed layer is copied in once per step
 and reused by every micro-batch (FlexGen's zig-zag block schedule).
-Must not: form batches (the scheduler does), build batch tensors or sample (ModelRunner's
-`_prepare` and `_sample` do, for both schedules), or branch on device type.
+Must not: form batches (the scheduler does), build batch tensors or sample (input_batch.prepare_batch
+and ModelRunner's `_sample` do, for both schedules), read anything but the runner's own request state
+(the rows it hands over), or branch on device type.
 `TIDAL_OFFLOAD_LOG=1` prints each step's time and the prefetcher's load and wait seconds.
 """
 from __future__ import annotations
@@ -20,7 +19,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from tidal.engine.scheduler import ScheduledBatch
+from tidal.engine.input_batch import Row, prepare_batch
 from tidal.errors import TidalError
 from tidal.kernels import get_backend, host_kv
 from tidal.kernels.metadata import forward_context
@@ -32,42 +31,6 @@ from tidal.weights.placement import LayerLayout, assign_tiers, shared_tensor_ids
 from tidal.weights.prefetch import LayerPrefetcher
 
 _SLOTS = 2  # streamed layers on the device at once: the one computing and the one being copied in
-
-
-def resolve_policy(config, hf_config, max_model_len: int, checkpoint) -> tuple[Policy, object | None]:
-    """(policy, the planner's Prediction or None). --policy as given; "auto" is all-resident unless
-    --host-mem / --device-mem limit memory, and then tidal/plan's choice (cost model + LP) for the
-    workload --prompt-len / --gen-len describe. Lossless: it compresses only what --quant /
-    --kv-quant ask for (`tidal plan` also shows the compressed options)."""
-    if config.policy != "auto":
-        return Policy.parse(config.policy), None
-    if not (config.host_mem_bytes or config.device_mem_bytes):
-        return Policy(), None  # no limit given: everything resident
-    from tidal.plan.hardware import profile_for
-    from tidal.plan.model_spec import model_spec
-    from tidal.plan.limits import disk_limit_for
-    from tidal.plan.search import choose_policy
-    profile, _, _ = profile_for(config)
-    prompt_len, gen_len = planned_workload(config, max_model_len)
-    max_batch = config.max_num_seqs
-    if config.kv_mem_bytes or config.num_kv_blocks:  # a fixed KV pool bounds the batch
-        spec = model_spec(hf_config)
-        per_token = spec.kv_bytes_per_token(config.torch_dtype, config.kv_quant) * spec.num_layers
-        pool = config.kv_mem_bytes or config.num_kv_blocks * config.block_size * per_token
-        max_batch = max(1, min(max_batch, pool // max(1, per_token * (prompt_len + gen_len))))
-    policy, pred = choose_policy(hf_config, config, prompt_len, gen_len, profile, max_batch=max_batch,
-                                 allow_compression=False, disk_limit=disk_limit_for(config, checkpoint))
-    print(f"[tidal] --policy auto: '{policy}', predicted {pred.tokens_per_s:,.1f} tok/s for prompts of "
-          f"{prompt_len} and {gen_len} new tokens (`tidal plan` explains)", file=sys.stderr)
-    return policy, pred
-
-
-def planned_workload(config, max_model_len: int) -> tuple[int, int]:
-    """(prompt, generation) lengths the planner plans for: the flags, else FlexGen's 512 / 32 within
-    the model's context."""
-    prompt = config.prompt_len or min(512, max(1, max_model_len // 2))
-    gen = config.gen_len or max(1, min(32, max_model_len - prompt))
-    return prompt, gen
 
 
 def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verbose: bool = False):
@@ -115,15 +78,14 @@ def kv_cache_tiers(policy: Policy, num_layers: int, device: torch.device) -> lis
     return tiers
 
 
-def split_batch(batch: ScheduledBatch, block_tables: list, n: int) -> list[tuple[ScheduledBatch, list]]:
-    """The batch's requests in n contiguous micro-batches of near-equal size (fewer when fewer requests)."""
-    n = max(1, min(n, len(batch.requests)))
-    q, r = divmod(len(batch.requests), n)
+def split_batch(rows: list, n: int) -> list[list]:
+    """The scheduled rows in n contiguous micro-batches of near-equal size (fewer when fewer rows)."""
+    n = max(1, min(n, len(rows)))
+    q, r = divmod(len(rows), n)
     parts, start = [], 0
     for k in range(n):
         end = start + q + (k < r)
-        parts.append((ScheduledBatch(batch.requests[start:end], batch.num_new_tokens[start:end]),
-                      block_tables[start:end]))
+        parts.append(rows[start:end])
         start = end
     return parts
 
@@ -134,15 +96,15 @@ class OffloadSchedule:
         self.log = os.environ.get("TIDAL_OFFLOAD_LOG", "0") not in ("", "0")
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, block_tables: list) -> list:
-        """Run one step; returns [(hidden, BatchLayout)] per micro-batch."""
+    def forward(self, rows: list[Row]) -> list:
+        """Run one step over the runner's scheduled rows; returns [(hidden, BatchLayout)] per micro-batch."""
         t0, before = time.perf_counter(), dict(self.prefetcher.stats) if self.prefetcher else None
         runner, model = self.runner, self.runner.model
-        parts = split_batch(batch, block_tables, self.num_micro_batches)
+        parts = split_batch(rows, self.num_micro_batches)
         if len(parts) == 1:
-            out = [runner.forward(batch, block_tables)]
+            out = [runner.forward(rows)]
         else:
-            layouts = [runner._prepare(b, t) for b, t in parts]
+            layouts = [prepare_batch(part, runner.block_size, runner.device) for part in parts]
             states = [model.embed(lay.input_ids, lay.positions) for lay in layouts]
             for i in range(len(model.layers)):  # the prefetcher's hook copies layer i in at its first call
                 for j, lay in enumerate(layouts):
@@ -150,13 +112,13 @@ class OffloadSchedule:
                         states[j] = model.layer_forward(i, lay.positions, states[j])
             out = [(model.final_norm(s), lay) for s, lay in zip(states, layouts)]
         if self.log:
-            self._print(t0, before, parts, batch)
+            self._print(t0, before, parts, sum(n for _, n in rows))
         return out
 
-    def _print(self, t0, before, parts, batch) -> None:
+    def _print(self, t0, before, parts, num_tokens: int) -> None:
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)
-        line = f"[offload] step {time.perf_counter() - t0:.3f}s tokens={batch.total_tokens} mb={len(parts)}"
+        line = f"[offload] step {time.perf_counter() - t0:.3f}s tokens={num_tokens} mb={len(parts)}"
         if before is not None:
             s = self.prefetcher.stats
             line += (f" loads={s['loads'] - before['loads']} load={s['load_s'] - before['load_s']:.3f}s "

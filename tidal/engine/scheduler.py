@@ -4,29 +4,20 @@ Owns: the waiting queue (ordered by priority, then arrival) and the running list
 token budget, admission checks, and preemption. Prefill and decode share one rule: each
 scheduled request's computed-token count catches up to its token count, as far as the
 budget allows, so a long prompt is prefilled in chunks between running decodes.
+`schedule()` returns a plain-data `SchedulerOutput` (engine/step_io.py): a request the runner
+has no state for goes in full (`NewRequestData`), a running one as the block ids added since
+the last step and its computed-token count; finished, aborted and preempted ids since the last
+step go in `finished_req_ids`, so the runner drops their state. A preempted request comes back
+later as a new one carrying its output tokens (recompute).
 Must not: touch tensors or the model; it speaks block ids through the BlockManager.
 """
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 
 from tidal.engine.request import Request, RequestStatus
+from tidal.engine.step_io import NewRequestData, SchedulerOutput
 from tidal.kv.block_manager import BlockManager
-
-
-@dataclass
-class ScheduledBatch:
-    requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __len__(self) -> int:
-        return len(self.requests)
 
 
 class Scheduler:
@@ -37,6 +28,10 @@ class Scheduler:
         self.waiting: list[Request] = []   # sorted by sort_key
         self.running: list[Request] = []   # in admission order
         self.num_preemptions = 0
+        # block ids already sent to the runner per request it holds state for; a request not here goes
+        # to the runner as a new one
+        self._num_sent_blocks: dict[str, int] = {}
+        self._finished_ids: set[str] = set()   # to tell the runner at the next schedule()
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -48,14 +43,22 @@ class Scheduler:
 
     def remove(self, req: Request) -> None:
         """Drop a finished or aborted request and release its blocks."""
+        self._forget(req)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.bm.free(req.request_id)
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+    def _forget(self, req: Request) -> None:
+        """The runner is to drop req's state (it may not have any: then the id is ignored there)."""
+        self._num_sent_blocks.pop(req.request_id, None)
+        self._finished_ids.add(req.request_id)
+
+    def schedule(self) -> SchedulerOutput:
+        reqs: list[Request] = []          # scheduled this step, in row order
+        num_new_tokens: list[int] = []
+        preempted: list[Request] = []
         budget = self.max_num_batched_tokens
         for req in list(self.running):
             if budget == 0:
@@ -65,16 +68,15 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.bm.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new):
                 victim = max(self.running, key=lambda r: r.sort_key)
-                budget += self._preempt(victim, batch)
+                budget += self._preempt(victim, reqs, num_new_tokens, preempted)
                 if victim is req:
                     break
             else:
-                batch.requests.append(req)
-                batch.num_new_tokens.append(num_new)
+                reqs.append(req)
+                num_new_tokens.append(num_new)
                 budget -= num_new
-        if batch.preempted:  # memory is tight: let the running set drain before admitting more
-            return batch
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # memory is tight when something was preempted: let the running set drain before admitting more
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             tokens = req.all_token_ids
             if req.params.prompt_logprobs is None:
@@ -90,25 +92,48 @@ class Scheduler:
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached
             self.running.append(req)
-            batch.requests.append(req)
-            batch.num_new_tokens.append(num_new)
+            reqs.append(req)
+            num_new_tokens.append(num_new)
             budget -= num_new
-        return batch
+        return self._output(reqs, num_new_tokens, preempted)
 
-    def _preempt(self, req: Request, batch: ScheduledBatch) -> int:
+    def _output(self, reqs: list[Request], num_new_tokens: list[int], preempted: list[Request]) -> SchedulerOutput:
+        """The step as plain data. O(scheduled requests + new blocks), except a request the runner does
+        not hold yet, which goes once in full."""
+        so = SchedulerOutput(total_num_scheduled_tokens=sum(num_new_tokens), finished_req_ids=self._finished_ids,
+                             preempted_req_ids={r.request_id for r in preempted})
+        self._finished_ids = set()
+        for req, n in zip(reqs, num_new_tokens):
+            rid = req.request_id
+            so.num_scheduled_tokens[rid] = n
+            sent = self._num_sent_blocks.get(rid)
+            if sent is None:
+                block_ids = self.bm.get_block_table(rid)
+                so.scheduled_new_reqs.append(NewRequestData(
+                    rid, req.prompt_token_ids, list(req.output_token_ids), req.params, req.seed, block_ids,
+                    req.num_computed_tokens))
+                self._num_sent_blocks[rid] = len(block_ids)
+            else:
+                new_blocks = self.bm.new_block_ids(rid, sent)
+                so.scheduled_cached_reqs.append(rid, new_blocks, req.num_computed_tokens)
+                self._num_sent_blocks[rid] = sent + len(new_blocks)
+        return so
+
+    def _preempt(self, req: Request, reqs: list[Request], num_new_tokens: list[int], preempted: list[Request]) -> int:
         """Recompute-style preemption: drop the KV, requeue; the prefix cache often gives most of it back.
         Returns the tokens it had been given this step, which go back to the budget."""
         self.running.remove(req)
         self.bm.free(req.request_id)
+        self._forget(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         returned = 0
-        if req in batch.requests:
-            i = batch.requests.index(req)
-            batch.requests.pop(i)
-            returned = batch.num_new_tokens.pop(i)
-        batch.preempted.append(req)
+        if req in reqs:
+            i = reqs.index(req)
+            reqs.pop(i)
+            returned = num_new_tokens.pop(i)
+        preempted.append(req)
         self.add(req)
         req.status = RequestStatus.PREEMPTED
         return returned

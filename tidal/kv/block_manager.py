@@ -17,7 +17,9 @@ from tidal.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     """Chained hash of one full block: stable across processes and machines (the gateway compares
-    hashes from many replicas), so an explicit blake2b over little-endian int64s, not hash()."""
+    hashes from many replicas), so an explicit blake2b over little-endian int64s, not hash().
+    Room for multimodal inputs (not built): the content hashes of the images a block covers would
+    join its tokens here as extra keys, so equal token ids with different images never share KV."""
     head = b"\x00" if parent_hash is None else b"\x01" + struct.pack("<q", parent_hash)
     body = struct.pack(f"<{len(token_ids)}q", *token_ids)
     digest = hashlib.blake2b(head + body, digest_size=8).digest()
@@ -167,6 +169,14 @@ class BlockManager:
 
     def get_block_table(self, request_id: str) -> list[int]:
         return list(self._tables.get(request_id, ()))
+
+    def new_block_ids(self, request_id: str, num_known: int) -> list[int]:
+        """request_id's block ids past its first `num_known`: what a step adds, without copying the table."""
+        table = self._tables.get(request_id)
+        return table[num_known:] if table is not None else []
+
+    def num_blocks_of(self, request_id: str) -> int:
+        return len(self._tables.get(request_id, ()))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (e.g. after a weight update). Only when no block is in use."""
