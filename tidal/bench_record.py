@@ -68,6 +68,8 @@ def write_record(record: dict, path: str | None) -> None:
 def _label(r: dict) -> str:
     e = r["engine"]
     extra = f" bs={e['batch_size']}" if e.get("batch_size") else ""
+    quant = (e.get("args") or {}).get("quant")
+    extra += f" {quant}" if quant not in (None, "none") else ""
     return f"{e['name']} {e.get('dtype', '')}{extra}".strip()
 
 
@@ -93,7 +95,7 @@ def format_latency_table(records: list[dict]) -> str:
     w = records[0]["workload"]
     lines = [f"latency: prompt {w['input_len'][0]} tokens, {w['output_len'][0]} generated, greedy, one stream, "
              f"median of {w['num_prompts'] - 1}"]
-    label = [f"{r['engine']['name']} {r['engine'].get('dtype', '')}".strip() for r in records]
+    label = [_label(r) for r in records]
     width = max(14, *(len(x) for x in label))
     lines.append(f"{'':<22}" + "".join(f"{x:>{width + 2}}" for x in label))
     for key, name in (("ttft_s", "TTFT s"), ("prefill_tokens_per_s", "prefill tok/s"),
