@@ -39,6 +39,14 @@ def latency_results(ttfts: list[float], decode_s: list[float], output_len: int, 
             "output_tokens": output_len, "load_s": None if load_s is None else round(load_s, 3), **extra}
 
 
+def add_peer_latency_args(p) -> None:
+    """The flags with which a peer runner in bench/peers/ replays this benchmark's workload."""
+    p.add_argument("--latency", action="store_true", help="one stream: tidal bench latency's workload")
+    p.add_argument("--num-iters", type=int, default=3, help="--latency: timed requests")
+    p.add_argument("--latency-input-len", type=int, default=512)
+    p.add_argument("--latency-output-len", type=int, default=128)
+
+
 def _latency_args(p, add_engine_flags) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")

@@ -16,7 +16,7 @@ import time
 from tqdm import tqdm
 
 from tidal.bench import add_workload_args, format_table, make_record, make_results, workload_from_args, write_record
-from tidal.bench_latency import latency_results, latency_workload
+from tidal.bench_latency import add_peer_latency_args, latency_results, latency_workload
 from tidal.bench_record import format_latency_table
 from tidal.weights.loader import open_checkpoint, resolve_model_path
 
@@ -38,10 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", help="a .gguf file or an alias")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-batch", type=int, default=512, help="llama.cpp prompt batch")
-    p.add_argument("--latency", action="store_true", help="one stream: tidal bench latency's workload")
-    p.add_argument("--num-iters", type=int, default=3, help="--latency: timed requests")
-    p.add_argument("--latency-input-len", type=int, default=512)
-    p.add_argument("--latency-output-len", type=int, default=128)
+    add_peer_latency_args(p)
     args = p.parse_args(argv)
     try:
         from llama_cpp import Llama

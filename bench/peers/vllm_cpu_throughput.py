@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # tidal's workload code
 
 from tidal.bench import add_workload_args, format_table, make_record, make_results, workload_from_args, write_record  # noqa: E402
-from tidal.bench_latency import latency_results, latency_workload  # noqa: E402
+from tidal.bench_latency import add_peer_latency_args, latency_results, latency_workload  # noqa: E402
 from tidal.bench_record import format_latency_table  # noqa: E402
 
 
@@ -54,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", help="an HF directory, or a GGUF alias/file (converted once)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--latency", action="store_true", help="one stream: tidal bench latency's workload")
-    p.add_argument("--num-iters", type=int, default=3, help="--latency: timed requests")
-    p.add_argument("--latency-input-len", type=int, default=512)
-    p.add_argument("--latency-output-len", type=int, default=128)
+    add_peer_latency_args(p)
     args = p.parse_args(argv)
     try:
         from vllm import LLM, SamplingParams
