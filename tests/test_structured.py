@@ -259,3 +259,18 @@ def test_from_openai_request():
         with pytest.raises(TidalError) as e:
             from_openai_request(**kwargs)
         assert e.value.param == param, (kwargs, e.value.param)
+
+
+def test_front_end_check_converts_each_spec_once(monkeypatch):
+    from tidal.structured import compiler
+    calls = []
+    real = compiler.validate
+    monkeypatch.setattr(compiler, "validate", lambda spec: calls.append(spec) or real(spec))
+    spec = StructuredOutputsParams(regex="[0-9]{3}-once")
+    compiler.check(spec)
+    compiler.check(StructuredOutputsParams(regex="[0-9]{3}-once"))
+    assert len(calls) == 1
+    with pytest.raises(TidalError):
+        compiler.check(StructuredOutputsParams(regex="a(b"))
+    with pytest.raises(TidalError):   # a bad spec is never remembered as valid
+        compiler.check(StructuredOutputsParams(regex="a(b"))

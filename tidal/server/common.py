@@ -23,7 +23,7 @@ from tidal.server.context import ServerContext
 from tidal.server.errors import APIError
 from tidal.server.protocol import MAX_N
 from tidal.errors import TidalError
-from tidal.structured.compiler import validate as validate_grammar
+from tidal.structured.compiler import check as check_grammar
 from tidal.structured.params import from_openai_request
 
 
@@ -73,7 +73,7 @@ def structured_outputs(req):
     if spec is not None:
         source = next(k for k, v in fields.items() if v is not None)
         try:
-            validate_grammar(spec)
+            check_grammar(spec)
         except TidalError as e:
             raise APIError(e.message.replace("structured_outputs", source, 1), param=source) from None
     return spec

@@ -85,6 +85,26 @@ class GrammarCompilerCache:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_checked: OrderedDict[tuple, None] = OrderedDict()   # cache keys of specs known to be valid
+_CHECKED_MAX = 256
+_checked_lock = threading.Lock()
+
+
+def check(spec: StructuredOutputsParams) -> None:
+    """`validate`, remembered: a front end (the server) that checks every request before queueing it
+    converts each distinct spec once, not once per request."""
+    key = spec.cache_key()
+    with _checked_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return
+    validate(spec)
+    with _checked_lock:
+        _checked[key] = None
+        while len(_checked) > _CHECKED_MAX:
+            _checked.popitem(last=False)
+
+
 def validate(spec: StructuredOutputsParams):
     """spec -> xgrammar Grammar; a TidalError that names the problem if xgrammar refuses it."""
     import xgrammar as xgr
