@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from tidal.errors import TidalError
-from tidal.structured.compiler import validate
+from tidal.structured.compiler import check as validate   # remembered: tools repeat across requests
 from tidal.structured.params import StructuredOutputsParams
 from tidal.structured.tool_parsers import ToolCall
 
