@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from tidal.errors import TidalError
-from tidal.structured.compiler import check as validate   # remembered: tools repeat across requests
+from tidal.structured.compiler import check
 from tidal.structured.params import StructuredOutputsParams
 from tidal.structured.tool_parsers import ToolCall
 
@@ -58,7 +58,7 @@ def check_tools(tools) -> list[Function]:
         if not isinstance(params, dict):
             raise _bad(f"{where}.function.parameters must be a JSON schema object, not {type(params).__name__}")
         try:
-            validate(StructuredOutputsParams(json=params))
+            check(StructuredOutputsParams(json=params))   # remembered: tools repeat across requests
         except TidalError as e:
             detail = e.message.split(": ", 1)[-1]
             raise _bad(f"{where}.function.parameters is not a usable JSON schema ({detail})") from None
@@ -112,7 +112,7 @@ def tool_spec(mode: str, functions: list[Function], named: Function | None = Non
               **defs}
     spec = StructuredOutputsParams(json=schema)
     try:
-        validate(spec)
+        check(spec)
     except TidalError as e:
         raise _bad(f"the tools' parameters schemas do not combine into one grammar ({e.message.split(': ', 1)[-1]})")
     return spec
