@@ -37,8 +37,9 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     `default_sampling`: what a request leaving a knob unset gets (e.g. the model's generation config).
     `tool_parser`: how tool_choice "auto" finds tool calls in the text (hermes, llama3_json, or auto:
     by the chat template)."""
-    ctx = ServerContext(engine, served_model_name, model_aliases, max_seqs_per_request=max_seqs_per_request,
-                        default_sampling=default_sampling)
+    ctx = ServerContext(engine.tokenizer, served_model_name, model_aliases, max_model_len=engine.max_model_len,
+                        kv_capacity_tokens=engine.kv_capacity_tokens, default_sampling=default_sampling,
+                        max_seqs_per_request=max_seqs_per_request, engine=engine)
     parser = get_parser(tool_parser, getattr(ctx.tokenizer, "chat_template", None))
 
     @asynccontextmanager
@@ -118,7 +119,7 @@ def _description(ctx: ServerContext) -> str:
     defaults = ", ".join(f"{k}={v}" for k, v in ctx.default_sampling.items() if k != "max_tokens")
     max_tokens = ctx.default_sampling.get("max_tokens")
     return (f"OpenAI-compatible API of the tidal inference engine, serving `{ctx.served_model_name}` with a "
-            f"context of {ctx.engine.max_model_len} tokens (max_model_len, prompt plus output). A request that "
+            f"context of {ctx.max_model_len} tokens (max_model_len, prompt plus output). A request that "
             f"leaves a sampling knob unset gets: {defaults}; max_tokens defaults to "
             f"{max_tokens if max_tokens is not None else 'the rest of the context'} for chat and to 16 for "
             f"completions. At most {ctx.max_seqs_per_request} sequences (prompts x n) per request. As in vLLM, "

@@ -88,9 +88,9 @@ def check_request(ctx: ServerContext, num_prompts: int, params: SamplingParams) 
         raise APIError(f"this request asks for {asked}; the server runs at most {cap} sequences per request "
                        "(--max-seqs-per-request); split it into smaller requests",
                        param="n" if num_prompts == 1 or params.n > 1 else "prompt")
-    if params.min_tokens >= ctx.engine.max_model_len:
+    if params.min_tokens >= ctx.max_model_len:
         raise APIError(f"min_tokens={params.min_tokens} can never be reached: this model's context is "
-                       f"{ctx.engine.max_model_len} tokens, prompt included", param="min_tokens")
+                       f"{ctx.max_model_len} tokens, prompt included", param="min_tokens")
 
 
 def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams) -> None:
@@ -98,7 +98,7 @@ def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams) -> N
     never hold."""
     if params.n > MAX_N:
         raise APIError(f"n must be at most {MAX_N}, got {params.n}", param="n")
-    limit = ctx.engine.max_model_len
+    limit = ctx.max_model_len
     if params.max_tokens is not None and prompt_len < limit < prompt_len + params.max_tokens:
         # Like OpenAI and vLLM: an error, not a silent cut at the context (a too-long prompt is the
         # engine's error, with param "prompt").
@@ -108,11 +108,11 @@ def check_fits(ctx: ServerContext, prompt_len: int, params: SamplingParams) -> N
         raise APIError(f"this model's context is {limit} tokens and the prompt has {prompt_len}, so at most "
                        f"{limit - prompt_len} tokens can be generated; min_tokens={params.min_tokens} can never be "
                        "reached", param="min_tokens")
-    per_seq = min(prompt_len + (params.max_tokens or ctx.engine.max_model_len), ctx.engine.max_model_len)
+    per_seq = min(prompt_len + (params.max_tokens or ctx.max_model_len), ctx.max_model_len)
     need = per_seq * params.n
-    if params.n > 1 and need > ctx.engine.kv_capacity_tokens:
+    if params.n > 1 and need > ctx.kv_capacity_tokens:
         raise APIError(f"n={params.n} samples of up to {per_seq} tokens need {need} tokens of KV cache but it holds "
-                       f"{ctx.engine.kv_capacity_tokens}; lower n or max_tokens", param="n")
+                       f"{ctx.kv_capacity_tokens}; lower n or max_tokens", param="n")
 
 
 async def add_requests(ctx: ServerContext, base_id: str, prompts: list[list[int]], params: SamplingParams,

@@ -1,10 +1,14 @@
-"""What every route shares: the engine, the tokenizer workers, the server's limits and defaults.
+"""What every route shares: the model's limits, the tokenizer workers, the server's limits and defaults.
 
-Owns: `ServerContext`: the model names, the sampling defaults a request leaves unset
-(`default_sampling`), per-request limits (`max_seqs_per_request`), tokenization off the event
+Owns: `ServerContext`: the model names, the model's limits (`max_model_len`, `kv_capacity_tokens`),
+the sampling defaults a request leaves unset (`default_sampling`), per-request limits (`max_seqs_per_request`), tokenization off the event
 loop, the cheap "this text cannot fit" bound that runs before any tokenizing, the warning about
 unknown request fields, and the shutdown cut (`cut_streams`: --shutdown-timeout ran out, so every
 request still being served ends with a 503 error instead of being dropped).
+It takes the figures it checks requests against, not an engine: the server passes its frontend's
+(and the frontend itself, `engine`, which common.py runs requests on and the metrics read);
+`tidal batch` builds one from its offline `LLMEngine` with no frontend, so a batch line goes
+through the same preparation (serving_*.prepare_*) as an HTTP body.
 Must not: know the JSON shapes of responses (serving_*.py) or run engine requests (common.py).
 """
 from __future__ import annotations
@@ -16,12 +20,14 @@ import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from tidal.engine.async_engine import AsyncEngine
 from tidal.sampling import SamplingParams
 from tidal.server.errors import APIError
 from tidal.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from tidal.engine.frontend import EngineFrontend
 
 logger = logging.getLogger("tidal.server")
 
@@ -42,13 +48,18 @@ def neutral_sampling() -> dict:
 
 
 class ServerContext:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, model_aliases: tuple[str, ...] = (), *,
-                 max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST, default_sampling: dict | None = None):
+    def __init__(self, tokenizer, served_model_name: str, model_aliases: tuple[str, ...] = (), *,
+                 max_model_len: int, kv_capacity_tokens: int, default_sampling: dict | None = None,
+                 max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST, engine: EngineFrontend | None = None):
+        """`engine`: the frontend that runs the requests (common.add_requests) and that the metrics
+        read; None for an offline user (`tidal batch`) that only prepares requests and shapes results."""
         self.engine = engine
-        self.tokenizer = engine.tokenizer
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.kv_capacity_tokens = kv_capacity_tokens
         self.served_model_name = served_model_name
         self.model_names = {served_model_name, *model_aliases}
-        self.metrics = ServerMetrics(engine, served_model_name)
+        self.metrics = ServerMetrics(engine, served_model_name) if engine is not None else None
         self.created = int(time.time())
         self.max_seqs_per_request = max_seqs_per_request
         # What a request that leaves a knob unset gets (the model's generation config may fill it).
@@ -82,9 +93,9 @@ class ServerContext:
     # ---- tokenization ------------------------------------------------------------------------
     def check_length(self, chars: int) -> None:
         """Reject, before tokenizing, text that no tokenization could fit into the context."""
-        limit = self.engine.max_model_len * self.max_chars_per_token
+        limit = self.max_model_len * self.max_chars_per_token
         if self.max_chars_per_token and chars > limit:
-            raise APIError(f"the prompt has {chars:,} characters; this model's context is {self.engine.max_model_len} "
+            raise APIError(f"the prompt has {chars:,} characters; this model's context is {self.max_model_len} "
                            f"tokens and a token here covers at most {self.max_chars_per_token} characters, so no "
                            f"text over {limit:,} characters fits; shorten the prompt", param="prompt")
 
