@@ -1,7 +1,8 @@
 """What chat and completions share: request -> SamplingParams, the per-request limits, running
 engine requests until done, until the client leaves or until the shutdown cut, and SSE.
 
-Owns: `sampling_params` (with `structured_outputs`, the request's grammar constraint), `check_fits` / `check_num_seqs` (what a request may ask for), `add_requests`
+Owns: `Prepared` (a request checked and tokenized: what serving_*.prepare_* hand to the engine,
+the server's frontend or `tidal batch`'s LLMEngine alike), `usage`, `sampling_params` (with `structured_outputs`, the request's grammar constraint), `check_fits` / `check_num_seqs` (what a request may ask for), `add_requests`
 and `iterate` (one or many prompts, merged in arrival order, aborted when the client goes away, the
 handler is cancelled or `ServerContext.cut_streams` ends them), `SSEResponse` (a streaming response
 that aborts its requests however the stream ends) and `sse`. `ServerContext` lives in context.py.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from starlette.requests import Request
@@ -25,6 +27,25 @@ from tidal.server.protocol import MAX_N
 from tidal.errors import TidalError
 from tidal.structured.compiler import check as check_grammar
 from tidal.structured.params import from_openai_request
+
+
+@dataclass
+class Prepared:
+    """A request checked and tokenized (serving_chat.prepare_chat, serving_completions.prepare_completion),
+    ready to be added to an engine; the same object then shapes the response body."""
+    prompts: list[list[int]]
+    params: SamplingParams
+    tools: object = None              # chat: its serving_tools.ChatTools (the output may be tool_calls)
+    echo: list[str] | None = None     # completions with echo=true: each prompt's text
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def logprob_value(v: float) -> float:
@@ -228,5 +249,5 @@ class SSEResponse(StreamingResponse):
                     pass
 
 
-__all__ = ["ServerContext", "logprob_value", "sampling_params", "check_request", "check_fits", "add_requests",
+__all__ = ["ServerContext", "Prepared", "usage", "logprob_value", "sampling_params", "check_request", "check_fits", "add_requests",
            "iterate", "until_disconnect", "sse", "SSEResponse", "new_id"]

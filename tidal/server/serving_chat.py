@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: messages -> chat template -> engine -> chat.completion(.chunk) JSON.
 
-Owns: validating what only chat has (messages, response_format, top_logprobs), the
-`chat.completion` response and the `chat.completion.chunk` SSE stream (role chunk first, text or
-tool-call deltas, one finish chunk per choice, optional usage chunk, `[DONE]`), and chat logprobs.
+Owns: validating what only chat has (messages, response_format, top_logprobs) and the rest of a
+request's preparation (`prepare_chat`), the `chat.completion` body (`chat_completion_body`); `tidal
+batch` runs those two as well. Also the `chat.completion.chunk` SSE stream (role chunk first, text
+or tool-call deltas, one finish chunk per choice, optional usage chunk, `[DONE]`), and chat logprobs.
 Tools (`tools`, `tool_choice`, `tool_calls` in the output) are serving_tools.py's.
 Must not: tokenize outside the tokenizer worker or touch the engine other than through common.py.
 """
@@ -15,8 +16,8 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, check_request, iterate,
-                                 logprob_value, new_id, sampling_params, sse, until_disconnect)
+from tidal.server.common import (Prepared, SSEResponse, ServerContext, add_requests, check_fits, check_request,
+                                 iterate, logprob_value, new_id, sampling_params, sse, until_disconnect, usage)
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import ChatCompletionRequest
 from tidal.server.serving_tools import ChatTools
@@ -76,43 +77,55 @@ def _logprobs(ctx, token_ids, logprobs, top) -> dict | None:
     return {"content": [_logprob_entry(ctx, t, lp, top) for t, lp in zip(token_ids, logprobs)]}
 
 
-async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request, tool_parser=None):
-    """`tool_parser`: how tool_choice "auto" reads calls from the text (default: the template's format)."""
-    arrival = time.monotonic()
-    model = ctx.check_model(req.model)
+async def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest, tool_parser=None) -> Prepared:
+    """Everything between a validated body and the engine: the checks, SamplingParams (the context's
+    defaults for unset knobs), tools, the chat template. The server and `tidal batch` both call it.
+    `tool_parser`: how tool_choice "auto" reads calls from the text (default: the template's format)."""
     messages = _messages(req)
     tools = ChatTools(req.tools, req.tool_choice, tool_parser or get_parser("auto", ctx.tokenizer.chat_template),
                       req.parallel_tool_calls)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
     ctx.warn_unknown_fields("/v1/chat/completions", req)
-    top = req.top_logprobs or 0
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = tools.constrain(sampling_params(req, max_tokens, top if req.logprobs else None, req.n,
-                                             ctx.default_sampling))
+    params = tools.constrain(sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                                             req.n, ctx.default_sampling))
     check_request(ctx, 1, params)
     messages, template_tools = tools.template_inputs(messages, ctx.tokenizer.chat_template)
     prompt_ids = await ctx.apply_chat_template(messages, req.add_generation_prompt, tools=template_tools)
     check_fits(ctx, len(prompt_ids), params)
-    rid = new_id("chatcmpl")
-    streams = await add_requests(ctx, rid, [prompt_ids], params, req.priority)
-    head = {"id": rid, "created": int(time.time()), "model": model}
-    if req.stream:
-        opts = req.stream_options
-        gen = _stream(ctx, streams, arrival, head, len(prompt_ids), req.n, top, tools,
-                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
-        return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
-    final = await until_disconnect(raw, _last(ctx, streams, arrival))
+    return Prepared([prompt_ids], params, tools=tools)
+
+
+def chat_completion_body(ctx: ServerContext, req: ChatCompletionRequest, prep: Prepared, head: dict,
+                         final) -> dict:
+    """The `chat.completion` body of a finished request (`head`: id, created, model)."""
     choices, completion_tokens = [], 0
     for c in final.outputs:
         completion_tokens += len(c.token_ids)
-        message, finish_reason = tools.message(c.text, c.finish_reason)
+        message, finish_reason = prep.tools.message(c.text, c.finish_reason)
         choices.append({"index": c.index, "message": message,
-                        "logprobs": _logprobs(ctx, c.token_ids, c.logprobs, top) if req.logprobs else None,
+                        "logprobs": _logprobs(ctx, c.token_ids, c.logprobs, req.top_logprobs or 0)
+                        if req.logprobs else None,
                         "finish_reason": finish_reason, "stop_reason": c.stop_reason})
-    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
-             "total_tokens": len(prompt_ids) + completion_tokens}
-    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": usage(prep.prompt_tokens, completion_tokens)}
+
+
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, raw: Request, tool_parser=None):
+    arrival = time.monotonic()
+    model = ctx.check_model(req.model)
+    prep = await prepare_chat(ctx, req, tool_parser)
+    rid = new_id("chatcmpl")
+    streams = await add_requests(ctx, rid, prep.prompts, prep.params, req.priority)
+    head = {"id": rid, "created": int(time.time()), "model": model}
+    if req.stream:
+        opts = req.stream_options
+        gen = _stream(ctx, streams, arrival, head, prep.prompt_tokens, req.n, req.top_logprobs or 0, prep.tools,
+                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+        return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
+    final = await until_disconnect(raw, _last(ctx, streams, arrival))
+    return JSONResponse(chat_completion_body(ctx, req, prep, head, final))
 
 
 async def _last(ctx, streams, arrival):
@@ -131,7 +144,7 @@ async def _stream(ctx, streams, arrival, head, prompt_len, n, top, tools, includ
     def chunk(choices, usage_now=False):
         body = {**head, "choices": choices}
         if include_usage or continuous_usage:
-            body["usage"] = _usage(prompt_len, sum(sent_tokens)) if continuous_usage and usage_now else None
+            body["usage"] = usage(prompt_len, sum(sent_tokens)) if continuous_usage and usage_now else None
         return sse(body)
 
     try:
@@ -162,12 +175,8 @@ async def _stream(ctx, streams, arrival, head, prompt_len, n, top, tools, includ
                 for choices in rounds:
                     yield chunk(choices, usage_now=True)
         if include_usage:
-            yield sse({**head, "choices": [], "usage": _usage(prompt_len, sum(sent_tokens))})
+            yield sse({**head, "choices": [], "usage": usage(prompt_len, sum(sent_tokens))})
     except Exception as e:   # after the 200 went out, an error can only be an event in the stream
         yield sse(from_exception(e)[1])
     yield sse("[DONE]")
 
-
-def _usage(prompt_len: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_len + completion_tokens}

@@ -2,7 +2,9 @@
 
 Owns: the prompt forms (a string, a list of token ids, a list of strings or of token-id lists,
 i.e. a batch), echo, the legacy logprobs shape (tokens / token_logprobs / top_logprobs /
-text_offset), and choice numbering for batches (prompt i, sample j -> index i * n + j).
+text_offset), and choice numbering for batches (prompt i, sample j -> index i * n + j). A request's
+preparation (`prepare_completion`) and its `text_completion` body (`completion_body`) are what
+`tidal batch` runs too.
 Must not: touch the engine other than through common.py.
 """
 from __future__ import annotations
@@ -13,8 +15,8 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (SSEResponse, ServerContext, add_requests, check_fits, check_request, iterate,
-                                 logprob_value, new_id, sampling_params, sse, until_disconnect)
+from tidal.server.common import (Prepared, SSEResponse, ServerContext, add_requests, check_fits, check_request,
+                                 iterate, logprob_value, new_id, sampling_params, sse, until_disconnect, usage)
 from tidal.server.context import LONG_CHARS
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import CompletionRequest
@@ -56,9 +58,9 @@ def _logprobs(ctx: ServerContext, token_ids, logprobs, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request):
-    arrival = time.monotonic()
-    model = ctx.check_model(req.model)
+async def prepare_completion(ctx: ServerContext, req: CompletionRequest) -> Prepared:
+    """Everything between a validated body and the engine: the checks, SamplingParams (the context's
+    defaults for unset knobs), the prompts' tokens, echo. The server and `tidal batch` both call it."""
     if req.suffix:
         raise APIError("suffix is not supported; drop it", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -73,27 +75,38 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     for ids in prompts:
         check_fits(ctx, len(ids), params)
     echo = [await ctx.decode(ids) for ids in prompts] if req.echo else None
-    rid = new_id("cmpl")
-    streams = await add_requests(ctx, rid, prompts, params, req.priority)
-    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
-    prompt_tokens = sum(len(p) for p in prompts)
-    if req.stream:
-        opts = req.stream_options
-        gen = _stream(ctx, streams, arrival, head, prompt_tokens, req.n, echo, bool(opts and opts.include_usage),
-                      bool(opts and opts.continuous_usage_stats))
-        return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
-    finals = await until_disconnect(raw, _collect(ctx, streams, arrival))
+    return Prepared(prompts, params, echo=echo)
+
+
+def completion_body(ctx: ServerContext, req: CompletionRequest, prep: Prepared, head: dict, finals: list) -> dict:
+    """The `text_completion` body of a finished request (`head`: id, created, model; `finals`: the
+    last output of each prompt)."""
     choices, completion_tokens = [], 0
     for i, final in enumerate(finals):
         for c in final.outputs:
             completion_tokens += len(c.token_ids)
-            prefix = echo[i] if echo else ""
+            prefix = prep.echo[i] if prep.echo else ""
             choices.append({"index": i * req.n + c.index, "text": prefix + c.text,
                             "logprobs": _logprobs(ctx, c.token_ids, c.logprobs, 0) if c.logprobs is not None else None,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    return JSONResponse({**head, "choices": choices, "usage": usage})
+    return {**head, "object": "text_completion", "choices": choices,
+            "usage": usage(prep.prompt_tokens, completion_tokens)}
+
+
+async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Request):
+    arrival = time.monotonic()
+    model = ctx.check_model(req.model)
+    prep = await prepare_completion(ctx, req)
+    rid = new_id("cmpl")
+    streams = await add_requests(ctx, rid, prep.prompts, prep.params, req.priority)
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
+    if req.stream:
+        opts = req.stream_options
+        gen = _stream(ctx, streams, arrival, head, prep.prompt_tokens, req.n, prep.echo,
+                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+        return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
+    finals = await until_disconnect(raw, _collect(ctx, streams, arrival))
+    return JSONResponse(completion_body(ctx, req, prep, head, finals))
 
 
 async def _collect(ctx, streams, arrival):
@@ -113,8 +126,7 @@ async def _stream(ctx, streams, arrival, head, prompt_tokens, n, echo, include_u
         body = {**head, "choices": choices}
         if include_usage or continuous_usage:
             done = sum(map(sum, sent))
-            body["usage"] = ({"prompt_tokens": prompt_tokens, "completion_tokens": done,
-                              "total_tokens": prompt_tokens + done} if continuous_usage else None)
+            body["usage"] = usage(prompt_tokens, done) if continuous_usage else None
         return sse(body)
 
     try:
@@ -143,8 +155,7 @@ async def _stream(ctx, streams, arrival, head, prompt_tokens, n, echo, include_u
                     yield chunk(choices)
         if include_usage:
             done = sum(map(sum, sent))
-            yield sse({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": done,
-                                                        "total_tokens": prompt_tokens + done}})
+            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, done)})
     except Exception as e:   # after the 200 went out, an error can only be an event in the stream
         yield sse(from_exception(e)[1])
     yield sse("[DONE]")
