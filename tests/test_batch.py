@@ -219,5 +219,66 @@ def test_structured_output_and_model_defaults_in_a_batch(engine, tmp_path):
     assert set(out) == {"colour"} and isinstance(out["colour"], str)
     assert recs["choice"]["response"]["body"]["choices"][0]["text"] in ("red", "blue")
     assert recs["badregex"]["error"] is not None or recs["badregex"]["response"]["status_code"] == 400
-    from tidal.batch_requests import _Ctx
-    assert _Ctx(engine).default_sampling == {"temperature": 0.2, "top_p": 0.9}   # smollm2's, as the server uses
+    from tidal.batch_requests import LineRequests
+    from tidal.server.context import neutral_sampling
+    requests = LineRequests(engine)
+    try:   # smollm2's, over the neutral ones, as the server uses
+        assert requests.ctx.default_sampling == {**neutral_sampling(), "temperature": 0.2, "top_p": 0.9}
+    finally:
+        requests.close()
+
+
+def test_a_line_and_the_same_http_body_agree(engine, tmp_path, monkeypatch):
+    """One body as a batch line and as an HTTP request (build_app as `tidal serve` builds it): a bad
+    one gets the same status and error body, a good one reaches the engine with the same prompt and
+    the same SamplingParams (the model's generation-config defaults for the knobs it leaves unset)."""
+    import copy
+
+    from starlette.testclient import TestClient
+
+    from tidal.engine.async_engine import AsyncEngine
+    from tidal.server.app import build_app
+    from tidal.server.errors import APIError
+    chat, cmpl = "/v1/chat/completions", "/v1/completions"
+    good = {"chat": (chat, {"messages": MESSAGES, "max_tokens": 1}),
+            "cmpl": (cmpl, {"prompt": "The sky is", "max_tokens": 1, "top_k": 5, "seed": 1})}
+    bad = {"temperature": (cmpl, {"prompt": "x", "temperature": -1}),
+           "type": (cmpl, {"prompt": "x", "max_tokens": "5"}),
+           "top_logprobs": (chat, {"messages": MESSAGES, "top_logprobs": 2}),
+           "no_messages": (chat, {"messages": []}),
+           "empty_prompt": (cmpl, {"prompt": ""}),
+           "too_long": (cmpl, {"prompt": "x", "max_tokens": engine.max_model_len}),
+           "min_tokens": (chat, {"messages": MESSAGES, "min_tokens": engine.max_model_len}),
+           "tools": (chat, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": 3}}]}),
+           "regex": (cmpl, {"prompt": "x", "guided_regex": "a("})}
+
+    # `tidal serve`'s frontend over this engine (its thread not started), built into the app as the
+    # server command builds it; the requests that reach it are recorded and refused.
+    frontend, http_seen = AsyncEngine(engine, start=False), []
+
+    async def recording_frontend_add(rid, ids, params, priority=0):
+        http_seen.append((ids, copy.deepcopy(params)))
+        raise APIError("recorded", status=503)
+    monkeypatch.setattr(frontend, "add_request", recording_frontend_add)
+    app = build_app(frontend, "smollm2", shutdown_engine=False, default_sampling=frontend.default_sampling)
+    with TestClient(app) as client:
+        http = {cid: client.post(url, json=body) for cid, (url, body) in {**good, **bad}.items()}
+
+    batch_seen, add = [], engine.add_request
+
+    def recording_add(rid, prompt, params, **kw):
+        batch_seen.append((kw["prompt_token_ids"], copy.deepcopy(params)))
+        return add(rid, prompt, params, **kw)
+    monkeypatch.setattr(engine, "add_request", recording_add)
+    write(tmp_path / "in.jsonl", [line(cid, url, **body) for cid, (url, body) in {**good, **bad}.items()])
+    process(engine, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), progress=False)
+    recs = by_id(records(tmp_path / "out.jsonl"))
+
+    for cid in bad:
+        r = recs[cid]["response"]
+        assert (r["status_code"], r["body"]) == (http[cid].status_code, http[cid].json()), cid
+        assert http[cid].status_code == 400 and recs[cid]["error"]["message"] == http[cid].json()["error"]["message"]
+    assert all(recs[cid]["response"]["status_code"] == 200 for cid in good)
+    assert batch_seen == http_seen and len(batch_seen) == 2   # prompt ids and SamplingParams, one per good body
+    chat_params = batch_seen[0][1]
+    assert (chat_params.temperature, chat_params.top_p) == (0.2, 0.9)   # smollm2's generation config

@@ -7,8 +7,9 @@ order, as with OpenAI's batch API), resume (a rerun skips what OUT already holds
 answered exactly once even after `kill -9`), the progress bar and the summary.
 Reading and appending OUT (the lock, torn last lines, fsync) live in batch_output.py; turning one
 line into engine requests and a finished line into its record live in batch_requests.py.
-Must not: define request shapes or sampling rules: bodies are validated by the server's protocol
-models and mapped by its `sampling_params`, so a body means the same here as over HTTP.
+Must not: define request shapes, checks, sampling rules or response shapes: a line's body goes
+through the server's own request handling (batch_requests.LineRequests: a real ServerContext and
+serving_*.prepare_*), so a body means the same here as over HTTP.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 from collections import Counter
 
 from tidal.batch_output import _DUPLICATE, Done, _Writer, scan_output
-from tidal.batch_requests import _Ctx, _Job, _line_error, _parse, _prepare, _success
+from tidal.batch_requests import LineRequests, _Job, _line_error, _parse
 from tidal.errors import TidalError
 
 # The engine, the server's error mapping and tqdm are imported inside the functions that use them:
@@ -122,7 +123,7 @@ def process(engine, in_path: str, out_path: str, done: Done | None = None, max_i
 class _Run:
     def __init__(self, engine, done: Done, out: _Writer, bar):
         self.engine, self.done, self.out, self.bar = engine, done, out, bar
-        self.ctx, self.model = _Ctx(engine), engine.config.model
+        self.requests = LineRequests(engine)
         self.stats = {"completed": 0, "failed": 0, "skipped": 0, "prompt_tokens": 0, "completion_tokens": 0,
                       "interrupted": False}
         self.seen: Counter = Counter()   # custom_id -> occurrences so far in IN
@@ -147,6 +148,8 @@ class _Run:
             self.stats["interrupted"] = True
             for rid in list(self.jobs):
                 self.engine.abort_request(rid)
+        finally:
+            self.requests.close()
         self.stats["elapsed_s"] = time.perf_counter() - self.t0
         return self.stats
 
@@ -175,35 +178,26 @@ class _Run:
             return self.skip()
         if bad is not None:
             return self.emit(bad)
-        from pydantic import ValidationError
-        from tidal.server.errors import APIError, _validation_message, from_exception
         added = []
         try:
-            job, params = _prepare(self.ctx, cid, line)
-            for i, ids in enumerate(job.prompts):
-                added.append(self.engine.add_request(f"batch-{lineno}-{i}", None, params, prompt_token_ids=ids,
-                                                     priority=job.req.priority))
+            job = self.requests.prepare(cid, line)
+            for i, ids in enumerate(job.prep.prompts):
+                added.append(self.engine.add_request(f"batch-{lineno}-{i}", None, job.prep.params,
+                                                     prompt_token_ids=ids, priority=job.req.priority))
                 self.jobs[added[-1]] = (job, i)
-        except (ValidationError, APIError, TidalError) as e:
+        except self.requests.errors as e:
             for rid in added:   # all of a line's prompts run, or none
                 self.engine.abort_request(rid)
                 self.jobs.pop(rid)
-            if isinstance(e, ValidationError):
-                message, param = _validation_message(e)
-                status, body = 400, {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                               "code": None}}
-            else:
-                status, body = from_exception(e)
-            err = body["error"]
-            self.emit(_line_error(lineno, cid, err["code"] or err["type"], err["message"], status, body, err["param"]))
+            self.emit(self.requests.error_record(lineno, cid, e))
 
     def finish(self, output) -> None:
         job, i = self.jobs.pop(output.request_id)
         job.finals[i] = output
         job.remaining -= 1
         if job.remaining == 0:
-            record, completion_tokens = _success(self.ctx, job, self.model)
-            self.stats["prompt_tokens"] += sum(len(p) for p in job.prompts)
+            record, completion_tokens = self.requests.success(job)
+            self.stats["prompt_tokens"] += job.prep.prompt_tokens
             self.emit(record, True, completion_tokens)
 
 
