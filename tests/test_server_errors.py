@@ -109,7 +109,7 @@ def test_oversized_body_is_413(http):
 
 
 def test_n_that_cannot_fit_is_rejected():
-    ctx = SimpleNamespace(engine=SimpleNamespace(max_model_len=256, kv_capacity_tokens=1000))
+    ctx = SimpleNamespace(max_model_len=256, kv_capacity_tokens=1000)   # what check_fits reads from ServerContext
     check_fits(ctx, 10, SamplingParams(n=3, max_tokens=100))   # 330 tokens: fits
     check_fits(ctx, 10, SamplingParams(n=1, max_tokens=246))   # exactly the context
     with pytest.raises(APIError) as e:
