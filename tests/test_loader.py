@@ -53,7 +53,7 @@ def test_smollm2_names_and_shapes_match_transformers(smollm2, tensors):
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(smollm2.hf_config)
+        model = LlamaForCausalLM(smollm2.hf_config.to_transformers())  # a LightConfig (weights/light_config.py)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
     assert smollm2.num_tensors == len(tensors) == 272

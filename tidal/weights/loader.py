@@ -1,8 +1,9 @@
 """Where a model's weights, config and tokenizer come from.
 
 Owns: resolving `--model` (alias, .gguf file, HF checkpoint directory, hub id) to a local path, and
-`Checkpoint`: the transformers config, a tokenizer directory, and an iterator of (HF parameter name,
-CPU tensor) pairs. GGUF specifics (cache, names) live in gguf_file.py, its dequantization in gguf_dequant.py.
+`Checkpoint`: the transformers config (for a GGUF, a light_config.LightConfig with the same attributes),
+a tokenizer directory, and an iterator of (HF parameter name, CPU tensor) pairs. GGUF specifics (cache,
+names) live in gguf_file.py, its dequantization in gguf_dequant.py.
 Must not: decide which architectures tidal supports (the model registry does), build modules, or
 place tensors on devices (weights/placement.py does).
 """
@@ -18,6 +19,7 @@ import torch
 
 from tidal.errors import TidalError
 from tidal.weights import gguf_file, quantized_dir
+from tidal.weights.light_config import LightConfig
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,7 +88,8 @@ class Checkpoint:
 
     path: str  # resolved file or directory
     format: str  # "hf" or "gguf"
-    hf_config: "object"  # a transformers.PretrainedConfig, e.g. LlamaConfig
+    # a transformers.PretrainedConfig (e.g. LlamaConfig); for a GGUF a LightConfig with the same attributes
+    hf_config: "object"
     tokenizer_dir: str  # loads with AutoTokenizer.from_pretrained()
     # {"bits", "group_size", "format"} for a `tidal quantize` directory (weights/quantized_dir.py)
     quantization: dict | None = None
@@ -103,7 +106,12 @@ class Checkpoint:
         return sum(len(names) for names in self._shards.values())
 
     def load_tokenizer(self):
-        """The tokenizer, with its chat template when the checkpoint has one."""
+        """The tokenizer, with its chat template when the checkpoint has one: transformers' tokenizer, or
+        for a GGUF after `use_light_tokenizer(True)`, a light_tokenizer.LightTokenizer of the same directory."""
+        if self.format == "gguf" and _light_tokenizer:
+            from tidal.weights.light_tokenizer import LightTokenizer
+
+            return LightTokenizer(self.tokenizer_dir)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.tokenizer_dir)
@@ -129,6 +137,17 @@ class Checkpoint:
                     yield name, f.get_tensor(name).to(dtype)
 
 
+_light_tokenizer = False
+
+
+def use_light_tokenizer(on: bool) -> None:
+    """From now on, a GGUF checkpoint's load_tokenizer() returns a LightTokenizer (no transformers import).
+    For a command that only encodes, decodes and applies the chat template (`tidal chat` / `generate`): the
+    LightTokenizer is not a transformers object, so structured output (xgrammar) cannot take it."""
+    global _light_tokenizer
+    _light_tokenizer = on
+
+
 def plain_safetensors(checkpoint) -> dict[str, list[str]] | None:
     """{file: tensor names} when the checkpoint is plain HF safetensors (mappable in place)."""
     shards = getattr(checkpoint, "_shards", None)
@@ -146,9 +165,8 @@ def open_checkpoint(model: str, require_weights: bool = True) -> Checkpoint:
         return _open_hf_dir(path, require_weights)
     # any other file must be a GGUF (whatever its name); load_or_build_index checks the magic bytes
     index, cache_dir = gguf_file.load_or_build_index(path)
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(**index["config"])
+    # not transformers' AutoConfig: importing it is most of a warm start-up (weights/light_config.py)
+    config = LightConfig(**index["config"])
     return Checkpoint(path, "gguf", config, cache_dir, _gguf_index=index)
 
 

@@ -15,7 +15,6 @@ from tidal.kernels import get_backend
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config, head_dim: int, max_position: int):
         super().__init__()
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
         params = getattr(hf_config, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
         target = torch.empty(0).device  # where the model is being built (build_model sets a default device)
@@ -24,7 +23,10 @@ class RotaryEmbedding(nn.Module):
                 base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
                 inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
                 scaling = 1.0
-            else:
+            else:  # transformers imported only here: a default-rope model starts without it
+                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+                if getattr(hf_config, "is_light", False):  # weights/light_config.py: the functions want the real one
+                    hf_config = hf_config.to_transformers()
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
             freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
         self.register_buffer("cos", (freqs.cos() * scaling).to(target), persistent=False)  # [P, d/2], fp32
