@@ -83,7 +83,7 @@ def test_chunked_prefill_does_not_stall_decodes():
         if "long" in sizes and "short" in [r.request_id for r in eng.scheduler.running]:
             assert sizes.get("short") == 1  # the decode advances every step while the prompt is chunked
         chunks.append(sizes.get("long", 0))
-        eng._update(so, eng.runner.execute_model(so))   # run the step we scheduled
+        eng.core._update(so, eng.runner.execute_model(so), {})   # run the step we scheduled
     assert sum(1 for c in chunks if c > 0) >= 5  # 300 prompt tokens over a 64-token budget
 
 

@@ -176,6 +176,17 @@ def test_sigterm_drains_inflight_stream_engine_process(tmp_path):
                     break   # cut the stream: the engine process must abort it
         assert wait_until(lambda: metric(url, "tidal:engine_requests_aborted_total") == 1, timeout=20)
         assert wait_until(lambda: metric(url, "tidal:kv_cache_used_blocks") == 0, timeout=10)
+        # the child sends new token ids only; text, stop strings and n > 1 are made in this process
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": "Count with me: one, two,", "max_tokens": 20, "temperature": 0, "n": 2,
+            "stop": [","]}).json()
+        assert [c["finish_reason"] for c in r["choices"]] == ["stop", "stop"], r
+        assert r["choices"][0]["text"] == r["choices"][1]["text"] and "," not in r["choices"][0]["text"]
+        choices = ["The capital city of France", "The capital city of Germany"]
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": "Paris is", "max_tokens": 20, "temperature": 0, "guided_choice": choices}).json()
+        assert r["choices"][0]["text"] in choices, r
+        assert metric(url, "tidal:jump_forward_tokens_total") > 0   # the choice's shared words were forced
         body.update(max_tokens=12, stream_options={"include_usage": True})
         text_chunks, usage, done = 0, None, False
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
@@ -219,37 +230,42 @@ def test_bench_serve_record(server, tmp_path):  # noqa: F811
 
 # ---- AsyncEngine's threading, on a stub engine (fast and deterministic) ----------------------
 class _StubEngine:
-    """Each request emits one token per step until max_tokens; `fail` makes the next step raise."""
+    """An engine core where each request emits one token per step until max_tokens; `fail` makes the next
+    step raise."""
 
     def __init__(self):
         from types import SimpleNamespace
-        self.tokenizer, self.max_model_len = None, 64
-        self.block_manager = SimpleNamespace(num_blocks=4, block_size=16)
+        self.tokenizer = _StubTokenizer()
+        self.config = SimpleNamespace(seed=0)
         self.reqs, self.steps, self.fail = {}, 0, False
         self.stats = {"aborted": 0}
 
-    def add_request(self, rid, prompt, params, prompt_token_ids=None, priority=0):
-        from tidal.errors import TidalError
-        if not prompt_token_ids:
-            raise TidalError("the prompt is empty", param="prompt")
-        self.reqs[rid] = [params.max_tokens, []]
+    def info(self):
+        from tidal.engine.core_io import CoreInfo
+        return CoreInfo(64, 100, 64, {}, [], self.snapshot())
 
-    def _out(self, rid, reason=None):
-        from tidal.outputs import CompletionOutput, RequestOutput
-        toks = self.reqs[rid][1]
-        out = RequestOutput(rid, None, [1], [CompletionOutput(0, "x" * len(toks), list(toks), reason,
-                                                               delta_token_ids=toks[-1:])], reason is not None)
-        if reason is not None:
-            del self.reqs[rid]
-        return out
+    def snapshot(self, seconds=0.0):
+        from tidal.engine.core_io import CoreStats
+        return CoreStats(len(self.reqs), 0, {"used": len(self.reqs), "total": 4}, dict(self.stats), seconds)
 
-    def abort_request(self, rid):
-        if rid not in self.reqs:
-            return None
-        self.stats["aborted"] += 1
-        return self._out(rid, "abort")
+    def add_requests(self, requests):
+        for r in requests:
+            self.reqs[r.request_id] = [r.params.max_tokens, []]
+
+    def abort_requests(self, ids, reason="abort"):
+        from tidal.engine.core_io import EngineCoreOutput
+        outs = []
+        for rid in ids:
+            if self.reqs.pop(rid, None) is not None:
+                self.stats["aborted"] += reason == "abort"
+                outs.append(EngineCoreOutput(rid, [], finish_reason="abort"))
+        return outs
+
+    def has_unfinished_requests(self):
+        return bool(self.reqs)
 
     def step(self):
+        from tidal.engine.core_io import EngineCoreOutput
         self.steps += 1
         time.sleep(0.002)
         if self.fail:
@@ -258,18 +274,16 @@ class _StubEngine:
         outs = []
         for rid, (max_tokens, toks) in list(self.reqs.items()):
             toks.append(len(toks))
-            outs.append(self._out(rid, "length" if len(toks) >= max_tokens else None))
+            done = len(toks) >= max_tokens
+            outs.append(EngineCoreOutput(rid, [toks[-1]], finish_reason="length" if done else None))
+            if done:
+                del self.reqs[rid]
         return outs
 
-    def has_unfinished_requests(self):
-        return bool(self.reqs)
 
-    num_running = property(lambda self: len(self.reqs))
-    num_waiting = property(lambda self: 0)
-
-    def kv_stats(self):
-        return {"used": len(self.reqs), "total": 4, "usage": len(self.reqs) / 4, "prefix_queries": 0,
-                "prefix_hits": 0, "hit_rate": 0.0}
+class _StubTokenizer:
+    def decode(self, ids, **kwargs):
+        return "x" * len(ids)
 
 
 def test_async_engine_threading():

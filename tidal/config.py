@@ -93,6 +93,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
+    enable_jump_forward: bool = True         # append the tokens a grammar forces without a decode step
     quant: str = "none"
     kv_quant: str = "none"
     device_mem: str | int | None = None
@@ -186,9 +187,12 @@ def add_engine_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed"
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                    help="turn prefix caching off")
+    g.add_argument("--no-jump-forward", dest="enable_jump_forward", action="store_false", default=None,
+                   help="structured output: sample every token, even where the grammar allows only one "
+                        "(the output is the same either way; jump-forward only saves decode steps)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine flags a parsed command line set, as EngineConfig keyword arguments."""
-    names = [n for n, _, _ in ENGINE_FLAGS if n != "seed"] + ["enable_prefix_caching"]
+    names = [n for n, _, _ in ENGINE_FLAGS if n != "seed"] + ["enable_prefix_caching", "enable_jump_forward"]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

@@ -1,8 +1,9 @@
 """The engine process's side of engine_proc.py: `python -m tidal.engine.engine_core` runs it.
 
-Owns: `run_engine_core`, the child's loop: it builds the `LLMEngine` and does nothing but
-add / abort / step, answering the parent over ZeroMQ with one msgpack message per step (all its
-outputs plus a stats snapshot), and the msgpack encoder and decoder both sides use; `Lifeline`,
+Owns: `run_engine_core`, the child's side: it builds the `EngineCore` and runs the same
+`EngineCoreLoop` the thread engine runs (core_loop.py), with ZeroMQ as its transport: commands come
+in, and one msgpack `EngineCoreOutputs` per step (new token ids only, plus a stats snapshot) goes
+back; text is made in the parent. `Lifeline`,
 which ties the child's life to its parent's: the child dies with the parent at any moment
 (start-up included), exits on its own SIGTERM, never blocks on a send, and removes the IPC folder.
 Must not: know about HTTP or asyncio; decide anything the engine decides (a rejected request goes
@@ -28,14 +29,12 @@ import sys
 import threading
 import time
 
-import msgspec
 import zmq
 
+from tidal.engine.core_io import Fatal, Stopped, command_decoder, encoder
 from tidal.errors import TidalError
 
 logger = logging.getLogger("tidal.engine")
-_enc = msgspec.msgpack.Encoder()
-_dec = msgspec.msgpack.Decoder()
 WATCH_S = 0.25   # how often the watchdog looks at the parent where no death signal is set up (macOS)
 GRACE_S = 1.5    # how long the loop gets to abort and report before the watchdog ends the process
 
@@ -89,12 +88,11 @@ class Lifeline:
             self._check_parent(GRACE_S)
             if self.state == "done":
                 return
-        msg = ["stopped"] if self.state != "starting" else ["fatal", "the engine process was stopped while starting",
-                                                             None, False]
+        msg = Stopped() if self.state != "starting" else Fatal("the engine process was stopped while starting")
         if not self.orphaned.is_set() and self._send_lock.acquire(timeout=0.3):
             try:
                 if self.out is not None:
-                    self.out.send(_enc.encode(msg), zmq.NOBLOCK)
+                    self.out.send(encoder.encode(msg), zmq.NOBLOCK)
                     time.sleep(0.1)   # let ZeroMQ's I/O thread write it
             except zmq.ZMQError:
                 pass
@@ -110,10 +108,10 @@ class Lifeline:
                 return
             time.sleep(0.02)
 
-    def send(self, message: list) -> bool:
+    def send(self, message) -> bool:
         """Send to the parent without ever hanging: give up once the parent is gone, and after one
         second once `stop` is set (the parent may be alive but not reading)."""
-        data, deadline = _enc.encode(message), None
+        data, deadline = encoder.encode(message), None
         while not self.orphaned.is_set():
             if self.stop.is_set():
                 deadline = deadline or time.monotonic() + 1.0
@@ -151,17 +149,13 @@ def _set_pdeathsig(sig: int) -> bool:
         return False
 
 
-def _snapshot(engine) -> dict:
-    return {"num_running": engine.num_running, "num_waiting": engine.num_waiting, "kv": engine.kv_stats(),
-            "counters": dict(engine.stats), "num_streams": 0, "last_step_seconds": 0.0}
-
-
 def run_engine_core(config_kwargs: dict, ipc_dir: str, verbose: bool, life: Lifeline) -> int:
     """The child process. The parent controls its lifetime (shutdown command); `life` ends it early
     when the parent dies or the child itself gets SIGTERM. Returns the exit code."""
     from tidal.config import EngineConfig
-    from tidal.engine.llm_engine import LLMEngine
-    from tidal.sampling import SamplingParams
+    from tidal.engine.core import EngineCore
+    from tidal.engine.core_io import Ready
+    from tidal.engine.core_loop import EngineCoreLoop
     ctx = zmq.Context()
     cmd, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     cmd.connect(f"ipc://{ipc_dir}/cmd")
@@ -169,16 +163,26 @@ def run_engine_core(config_kwargs: dict, ipc_dir: str, verbose: bool, life: Life
     life.out = out
     try:
         try:
-            engine = LLMEngine(EngineConfig(**config_kwargs), verbose=verbose)
+            core = EngineCore(EngineConfig(**config_kwargs), verbose=verbose)
         except Exception as e:   # noqa: BLE001 - reported to the parent, which raises it
-            life.send(["fatal", getattr(e, "message", str(e)), getattr(e, "param", None), isinstance(e, TidalError)])
+            life.send(Fatal(getattr(e, "message", str(e)), getattr(e, "param", None), isinstance(e, TidalError)))
             return 1
         life.state = "serving"
-        bm = engine.block_manager
-        life.send(["ready", engine.max_model_len, bm.num_blocks * bm.block_size, engine.runner.vocab_size,
-                   _snapshot(engine), engine.default_sampling])
-        _serve(engine, cmd, life, SamplingParams)
-        life.send(["stopped"])
+        life.send(Ready(core.info()))
+
+        def next_commands(timeout: float | None) -> list:
+            if timeout != 0:
+                cmd.poll(-1 if timeout is None else int(timeout * 1000))
+            commands = []
+            while True:
+                try:
+                    commands.append(command_decoder.decode(cmd.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    return commands
+
+        # while idle, wake four times a second to see `life.stop` (SIGTERM, or the parent gone)
+        EngineCoreLoop(core, life.send, stop=life.stop).run(next_commands, idle_timeout=0.25)
+        life.send(Stopped())
         return 0
     finally:
         with life._send_lock:
@@ -186,58 +190,6 @@ def run_engine_core(config_kwargs: dict, ipc_dir: str, verbose: bool, life: Life
         cmd.close(linger=0)
         ctx.term()
         life.state = "done"
-
-
-def _serve(engine, cmd, life: Lifeline, SamplingParams) -> None:
-    stop = drain = False
-    live: set[str] = set()   # requests added and not yet finished
-    while True:
-        busy = engine.has_unfinished_requests()
-        cmd.poll(0 if busy else 250)
-        messages = []
-        while True:
-            try:
-                messages.append(_dec.decode(cmd.recv(zmq.NOBLOCK)))
-            except zmq.Again:
-                break
-        if life.stop.is_set():   # SIGTERM or the parent died: abort everything, report what we can
-            messages.append(["shutdown", False])
-        reply = []
-        for m in messages:
-            if m[0] == "add":
-                _, rid, ids, params, priority = m
-                try:
-                    engine.add_request(rid, None, SamplingParams(**params), prompt_token_ids=ids, priority=priority)
-                    live.add(rid)
-                    reply.append(["added", rid])
-                except Exception as e:   # noqa: BLE001 - the request's error, sent to its caller
-                    reply.append(["rejected", rid, getattr(e, "message", str(e)), getattr(e, "param", None),
-                                  isinstance(e, TidalError)])
-            elif m[0] == "shutdown":
-                stop, drain = True, m[1]
-            for rid in ([m[1]] if m[0] == "abort" else list(live) if m[0] == "shutdown" and not drain else []):
-                o = engine.abort_request(rid)
-                live.discard(rid)
-                if o is not None:
-                    reply.append(["output", msgspec.to_builtins(o)])
-        if engine.has_unfinished_requests():
-            try:
-                outputs = engine.step()
-            except Exception as e:   # noqa: BLE001 - an engine bug: fail what is in flight, keep serving
-                logger.exception("engine step failed")
-                outputs = []
-                for rid in list(live):
-                    engine.abort_request(rid)
-                    reply.append(["failed", rid, f"engine step failed: {type(e).__name__}: {e}"])
-                live.clear()
-            for o in outputs:
-                if o.finished:
-                    live.discard(o.request_id)
-                reply.append(["output", msgspec.to_builtins(o)])
-        if reply or messages:
-            life.send(["batch", reply, _snapshot(engine)])
-        if stop and not engine.has_unfinished_requests():
-            return
 
 
 def main(argv: list[str]) -> None:

@@ -3,7 +3,8 @@
 Owns: `CachedRequestState` (one request as the runner knows it: prompt and output token ids, sampling
 params, seed, block ids, computed-token count), `InputBatch` (those states by request id, updated from
 each `SchedulerOutput`: finished / preempted ids dropped first, new requests added, running ones given
-their new block ids and computed-token count; the runner appends its own sampled tokens), and
+their new block ids, computed-token count and any tokens the engine appended; the runner appends its own
+sampled tokens), and
 `prepare_batch` (the scheduled rows -> token ids, positions, slot mapping, padded block tables, sequence
 lengths and query offsets as `AttentionMetadata`; which rows sample; which need prompt logprobs).
 Must not: read scheduler- or engine-owned objects (`Request`, the block manager): everything comes from
@@ -65,10 +66,14 @@ class InputBatch:
                 new.req_id, new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, new.seed,
                 list(new.block_ids), new.num_computed_tokens)
         cached = so.scheduled_cached_reqs
-        for req_id, new_blocks, num_computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+        forced = cached.new_token_ids or [()] * len(cached.req_ids)   # optional in a hand-made message
+        for req_id, new_blocks, num_computed, new_tokens in zip(
+                cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, forced):
             state = self.requests[req_id]
             state.block_ids.extend(new_blocks)
             state.num_computed_tokens = num_computed
+            for token in new_tokens:   # appended by the engine (jump-forward), after the runner's own
+                state.append_output(token)
         return [(self.requests[req_id], n) for req_id, n in so.num_scheduled_tokens.items()]
 
 

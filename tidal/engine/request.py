@@ -1,7 +1,8 @@
 """Per-request state inside the engine.
 
-Owns: `Request` (one sequence being generated: its tokens, how many have KV in the cache,
-status, sampling params, seed, detokenizer, grammar matcher, timings) and `RequestStatus`.
+Owns: `Request` (one sequence being generated, as the engine core sees it: its token ids, how many
+have KV in the cache, status, sampling params, seed, grammar matcher, logprobs) and `RequestStatus`.
+Text, stop strings and n > 1 parents are the frontend's (output_processor.py).
 Must not: allocate blocks or run the model.
 """
 from __future__ import annotations
@@ -36,15 +37,13 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    detokenizer: object = None
-    logprobs: list[dict[int, float]] | None = None
-    cumulative_logprob: float = 0.0
-    prompt_logprobs: list[dict[int, float] | None] | None = None
-    first_token_time: float | None = None
+    logprobs: list | None = None        # [] when the request asked for logprobs (the core's flag)
     num_preemptions: int = 0
     # structured/matcher.RequestGrammar when the params ask for structured output. A preempted request
     # keeps it: recompute re-feeds the same tokens, so the matcher's state stays right.
     grammar: object = None
+    # tokens the core appended without sampling them (jump-forward), not yet sent to the runner
+    forced_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         # prompt + output kept as one list, appended in place: the scheduler, the block manager and

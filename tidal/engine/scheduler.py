@@ -107,6 +107,7 @@ class Scheduler:
             rid = req.request_id
             so.num_scheduled_tokens[rid] = n
             sent = self._num_sent_blocks.get(rid)
+            forced, req.forced_token_ids = req.forced_token_ids, []   # the runner learns them here
             if sent is None:
                 block_ids = self.bm.get_block_table(rid)
                 so.scheduled_new_reqs.append(NewRequestData(
@@ -115,7 +116,7 @@ class Scheduler:
                 self._num_sent_blocks[rid] = len(block_ids)
             else:
                 new_blocks = self.bm.new_block_ids(rid, sent)
-                so.scheduled_cached_reqs.append(rid, new_blocks, req.num_computed_tokens)
+                so.scheduled_cached_reqs.append(rid, new_blocks, req.num_computed_tokens, forced)
                 self._num_sent_blocks[rid] = sent + len(new_blocks)
         return so
 

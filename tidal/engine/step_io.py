@@ -39,11 +39,15 @@ class CachedRequestData(msgspec.Struct):
     req_ids: list[str] = msgspec.field(default_factory=list)
     new_block_ids: list[list[int]] = msgspec.field(default_factory=list)   # appended to its table this step
     num_computed_tokens: list[int] = msgspec.field(default_factory=list)   # before this step
+    # tokens the engine appended that the runner did not sample (jump-forward; later, accepted drafts)
+    new_token_ids: list[list[int]] = msgspec.field(default_factory=list)
 
-    def append(self, req_id: str, new_block_ids: list[int], num_computed_tokens: int) -> None:
+    def append(self, req_id: str, new_block_ids: list[int], num_computed_tokens: int,
+               new_token_ids: list[int] | None = None) -> None:
         self.req_ids.append(req_id)
         self.new_block_ids.append(new_block_ids)
         self.num_computed_tokens.append(num_computed_tokens)
+        self.new_token_ids.append(new_token_ids or [])
 
 
 class SchedulerOutput(msgspec.Struct):

@@ -1,20 +1,18 @@
 """When a sequence stops: the stop conditions checked after each token the engine appends.
 
-Owns: `check_stop` (a stop string found by the detokenizer, `stop_token_ids` and EOS once `min_tokens`
-are out, unless `ignore_eos`; a grammar's end; `max_tokens`; the context length) and `eos_ids` (the
-tokenizer's and the model config's end-of-sequence ids).
-Must not: change the request (the engine finishes it) or read the runner's state.
+Owns: `check_stop` (`stop_token_ids` and EOS once `min_tokens` are out, unless `ignore_eos`; a grammar's
+end; `max_tokens`; the context length) and `eos_ids` (the tokenizer's and the model config's
+end-of-sequence ids).
+Must not: change the request (the core finishes it), read the runner's state, or look at text: stop
+strings are the frontend's (output_processor.py), found in the detokenized text.
 """
 from __future__ import annotations
 
 
-def check_stop(req, token: int, stopped_by_string: bool, eos_token_ids: set[int],
-               max_model_len: int) -> tuple[str | None, str | int | None]:
-    """(finish reason or None, stop reason) after `token` was appended to `req`."""
+def check_stop(req, token: int, eos_token_ids: set[int], max_model_len: int) -> tuple[str | None, int | None]:
+    """(finish reason or None, stop token id) after `token` was appended to `req`."""
     p = req.params
     n_out = len(req.output_token_ids)
-    if stopped_by_string:
-        return "stop", getattr(req.detokenizer, "stop_reason", None)
     if n_out >= p.min_tokens and token in (p.stop_token_ids or ()):
         return "stop", token
     if n_out >= p.min_tokens and not p.ignore_eos and token in eos_token_ids:

@@ -4,7 +4,7 @@ Owns: `GrammarRequests`: the grammar compile cache for the engine's tokenizer, a
 (its own matcher) for each sequence whose params ask for structured output, the requests that wait
 for their grammar to compile (the scheduler never sees them until it is ready, so a compile never
 stalls a step), and each step's `GrammarBitmask` for the scheduled requests that sample.
-Must not: schedule, run the model or decide stop conditions (llm_engine.py does, asking
+Must not: schedule, run the model or decide stop conditions (core.py does, asking
 `RequestGrammar.is_terminated`).
 """
 from __future__ import annotations
