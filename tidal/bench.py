@@ -164,9 +164,10 @@ def run_throughput(args, engine_kwargs: dict) -> int:
     if args.warmup > 0:
         llm.generate([{"prompt_token_ids": list(range(MIN_TOKEN_ID, MIN_TOKEN_ID + 16))}] * args.warmup,
                      SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, jumped0 = time.perf_counter(), time.process_time(), llm.engine.stats["jump_forward_tokens"]
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_tqdm)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    extra = {"jump_forward_tokens": llm.engine.stats["jump_forward_tokens"] - jumped0} if schema else {}
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != sum(wl.output_lens) and not schema:
         print(f"tidal bench: warning: {produced} output tokens, the workload asked for {sum(wl.output_lens)}",
@@ -178,7 +179,7 @@ def run_throughput(args, engine_kwargs: dict) -> int:
               "args": {**settings, "num_kv_blocks": runner.num_blocks, "resolved_policy": str(runner.policy),
                        "json_schema": schema,
                        "weight_placement": placement.summary() if placement else None}}
-    record = make_record(wl, engine, make_results(wl, elapsed, runner.load_seconds, produced, cpu_s=round(cpu, 2)))
+    record = make_record(wl, engine, make_results(wl, elapsed, runner.load_seconds, produced, cpu_s=round(cpu, 2), **extra))
     print(format_table([record]))
     write_record(record, args.json_path)
     return 0

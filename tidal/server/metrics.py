@@ -39,7 +39,9 @@ class _EngineCollector:
         for name, doc, value in (("tidal:prefix_cache_queries", "prefix-cache lookups (tokens)", kv["prefix_queries"]),
                                  ("tidal:prefix_cache_hits", "prefix-cache hits (tokens)", kv["prefix_hits"]),
                                  ("tidal:engine_requests_aborted", "requests the engine aborted (client gone, ...)",
-                                  counters.get("aborted", 0))):
+                                  counters.get("aborted", 0)),
+                                 ("tidal:jump_forward_tokens", "tokens a grammar forced, appended without a decode "
+                                  "step (decode steps saved)", counters.get("jump_forward_tokens", 0))):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], value)
             yield c
