@@ -105,6 +105,7 @@ class EngineConfig:
     load_format: str = "auto"
     enforce_eager: bool = False
     generation_config: str = "auto"          # sampling defaults: the checkpoint's (auto), none (vllm), or a folder
+    kv_events_endpoint: str | None = None    # publish KV events (ZeroMQ PUB, vLLM's format) here: tcp://*:5557
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size > 1024:

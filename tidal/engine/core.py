@@ -3,7 +3,8 @@
 Owns: `EngineCore` (add_requests / abort_requests / step): the resolved configuration, the model runner,
 the block manager and the scheduler, the grammar matchers, the stop conditions that need no text
 (stop_checks.py: EOS, stop token ids, max_tokens, the context, a grammar's end), jump-forward decoding,
-KV-block bookkeeping after each step and the counters the server's metrics read. A step:
+KV-block bookkeeping after each step and the counters the server's metrics read; with
+`config.kv_events_endpoint`, the block manager's events published from here (kv/event_publisher.py). A step:
 `so = scheduler.schedule()` (a plain-data `SchedulerOutput`; the core adds the grammar bitmask rows) ->
 `out = runner.execute_model(so)` (a `ModelRunnerOutput`) -> `_update(so, out)` -> one `EngineCoreOutput`
 per sequence that advanced, carrying its new token ids only (core_io.py).
@@ -30,6 +31,7 @@ from tidal.engine.step_io import ModelRunnerOutput, SchedulerOutput
 from tidal.engine.stop_checks import check_stop, eos_ids
 from tidal.engine.structured_requests import GrammarRequests
 from tidal.kv.block_manager import BlockManager
+from tidal.kv.event_publisher import KVEventPublisher
 from tidal.weights.generation_config import generation_defaults
 
 logger = logging.getLogger("tidal.engine")
@@ -55,6 +57,9 @@ class EngineCore:
         # the one KV figure that can depend on the loaded weights (resolve.py): the runner's, sized at load
         num_blocks = resolved.num_kv_blocks or self.runner.num_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_event_publisher = None   # the block events on a ZeroMQ PUB socket, from where the core runs
+        if config.kv_events_endpoint:
+            self.kv_event_publisher = KVEventPublisher(config.kv_events_endpoint).attach(self.block_manager)
         # an offloading policy's batch and token budget (bs sequences in each of mb micro-batches): resolve.py
         self.scheduler = Scheduler(self.block_manager, resolved.max_num_seqs, resolved.max_num_batched_tokens)
         self.grammars = GrammarRequests(self.tokenizer, self.vocab_size, self.eos_token_ids)
@@ -195,3 +200,5 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.grammars.shutdown()
+        if self.kv_event_publisher is not None:
+            self.kv_event_publisher.close()

@@ -2,7 +2,8 @@
 
 Owns: `add_serve_parser(subparsers, add_engine_flags)` (the serve subcommand's flags plus every
 engine flag, each server flag checked by argparse so a bad value is one line and exit code 2) and
-`run_serve(args, engine_kwargs)` (load the engine, build the app, run uvicorn until SIGINT/SIGTERM;
+`run_serve(args, engine_kwargs)` (load the engine, or with --simulate a simulated core
+(tidal/sim/) with the model's tokenizer only, build the app, run uvicorn until SIGINT/SIGTERM;
 uvicorn's graceful shutdown lets in-flight requests finish, --shutdown-timeout ends the ones still
 running with an error, then the app's lifespan drains and stops the engine).
 Must not: define routes (app.py), set up uvicorn's protocol (uvicorn_server.py) or parse engine
@@ -89,6 +90,21 @@ def add_serve_parser(subparsers, add_engine_flags) -> argparse.ArgumentParser:
                    help='how tool_choice "auto" finds tool calls in the text: hermes (<tool_call>{...}</tool_call>), '
                         "llama3_json ({\"name\": ..., \"parameters\": ...}), auto: by the chat template (default)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    f = p.add_argument_group("fleet")
+    f.add_argument("--kv-events-endpoint", default=None, metavar="ENDPOINT",
+                   help="publish the KV cache's block events on this ZeroMQ PUB endpoint in vLLM's format, e.g. "
+                        "tcp://*:5557 (bound; tcp://HOST:PORT connects); default: off")
+    f.add_argument("--simulate", action="store_true",
+                   help="a replica with no model: the real server, scheduler and KV cache over a latency model "
+                        "(only --model's tokenizer is loaded); for fleet and router tests")
+    f.add_argument("--sim-config", default=None, metavar="FILE",
+                   help="--simulate's settings as JSON: base_ms, prefill_ms_per_token, decode_ms_per_seq, "
+                        "num_kv_blocks, eos_probability, time_scale (defaults: docs/benchmarks.md)")
+    f.add_argument("--sim-base-ms", type=_number(float, 0), default=None, help="--simulate: a step's fixed ms")
+    f.add_argument("--sim-prefill-ms-per-token", type=_number(float, 0), default=None,
+                   help="--simulate: ms per uncached prompt token in a step")
+    f.add_argument("--sim-decode-ms-per-seq", type=_number(float, 0), default=None,
+                   help="--simulate: ms per decoding sequence in a step")
     add_engine_flags(p, skip=())   # the server has no per-command sampling seed, so --seed is the engine's
     return p
 
@@ -102,9 +118,20 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
     kwargs = dict(engine_kwargs)
     if getattr(args, "seed", None) is not None:
         kwargs.setdefault("seed", args.seed)
+    if getattr(args, "kv_events_endpoint", None):
+        kwargs["kv_events_endpoint"] = args.kv_events_endpoint
     config = EngineConfig.from_kwargs(**kwargs)
     t0 = time.perf_counter()
-    engine = AsyncEngine.from_config(config, verbose=True, process=args.engine_process)
+    if getattr(args, "simulate", False):
+        from tidal.errors import TidalError
+        from tidal.sim import SimConfig, SimulatedCore
+        if args.engine_process:
+            raise TidalError("--simulate runs its core in a thread; drop --engine-process", param="simulate")
+        sim = SimConfig.load(args.sim_config, base_ms=args.sim_base_ms, decode_ms_per_seq=args.sim_decode_ms_per_seq,
+                             prefill_ms_per_token=args.sim_prefill_ms_per_token)
+        engine = AsyncEngine(SimulatedCore(config, sim))
+    else:
+        engine = AsyncEngine.from_config(config, verbose=True, process=args.engine_process)
     name = args.served_model_name or config.model
     allowed_hosts = args.allowed_hosts
     if allowed_hosts is None and is_loopback(args.host) and not args.api_key:
