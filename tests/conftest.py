@@ -83,3 +83,13 @@ def no_process_left_behind():
         time.sleep(0.1)
     assert not left, "processes left running after this module's tests:\n" + "\n".join(
         f"  pid {pid}: {cmd[:300]}" for pid, cmd in left.items())
+
+
+@pytest.fixture(autouse=True)
+def _transformers_tokenizer_by_default():
+    """`tidal chat` / `generate` switch GGUF checkpoints to the light tokenizer for their one-shot
+    process (weights/loader.use_light_tokenizer); a test that runs them in-process must not leave the
+    switch on for the tests after it."""
+    yield
+    from tidal.weights.loader import use_light_tokenizer
+    use_light_tokenizer(False)

@@ -72,7 +72,10 @@ class GrammarCompilerCache:
         with self._compiler_lock:
             if self._compiler is None:
                 import xgrammar as xgr
-                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                # xgrammar reads a transformers tokenizer's vocabulary; a LightTokenizer (weights/
+                # light_tokenizer.py, tidal chat's fast start) hands over the one it wraps
+                hf = getattr(self._tokenizer, "hf_tokenizer", self._tokenizer)
+                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
                                                           stop_token_ids=self._stop_token_ids or None)
                 # our LRU is the cache; xgrammar's own would grow without bound
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
