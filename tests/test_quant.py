@@ -171,3 +171,20 @@ def test_quantize_model_rejects_bad_group_size(tiny_reference):
     assert isinstance(model.layers[0].mlp.gate_up_proj, MergedLinear)  # nothing was swapped
     with pytest.raises(TidalError, match="int8 or int4"):
         quantize_model(model, 2)
+
+
+def test_quantize_head_int4(tiny_reference):
+    """--quant-head int4: the LM head runs the int4 kernel on a copy (an untied float head is dropped, a
+    tied one keeps serving the embedding); logits stay near the float head's."""
+    from tidal.model.quantize import quantize_head
+    hf, prompts, ref = tiny_reference
+    runner = make_runner(hf)
+    head = runner.model.lm_head
+    assert not head.tied and quantize_head(runner.model) == "int4pack"
+    assert isinstance(head.quantized, QuantLinear) and head.weight.numel() == 0
+    got = torch.cat(all_logits(runner, prompts))
+    err, span = (got - ref).abs().max().item(), (ref.max() - ref.min()).item()
+    assert 1e-4 * span < err <= 0.12 * span, (err, span)
+    assert quantize_head(runner.model) == "int4pack"   # twice is once
+    with pytest.raises(TidalError, match="quant-head int4: group size 96"):
+        quantize_head(make_runner(hf).model, 4, 96)

@@ -30,7 +30,7 @@ from tidal.model.registry import build_model
 from tidal.sampling import Sampler, SamplingMetadata
 from tidal.structured.bitmask import GrammarBitmask, apply_bitmask
 from tidal.weights.dummy import fill_dummy
-from tidal.model.quantize import quantize_model
+from tidal.model.quantize import quantize_head, quantize_model
 
 
 class ModelRunner:
@@ -58,6 +58,8 @@ class ModelRunner:
             self._load_weights(verbose, quant)
             if quant is not None:
                 quantize_model(self.model, *quant)
+            if self.config.quant_head != "none":
+                quantize_head(self.model)
             backend = get_backend(self.device)
             for module in self.model.modules():
                 if hasattr(module, "pack"):

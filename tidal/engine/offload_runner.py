@@ -36,7 +36,7 @@ _SLOTS = 2  # streamed layers on the device at once: the one computing and the o
 def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verbose: bool = False):
     """A model whose decoder layers sit where `policy.weights` says; returns (model, placement,
     prefetcher or None). `quant`: (bits, group size) or None, as the runner resolved it."""
-    from tidal.model.quantize import quantize_model
+    from tidal.model.quantize import quantize_head, quantize_model
     config, dev, dtype, ckpt = runner.config, runner.device, runner.dtype, runner.checkpoint
     model = build_model(runner.hf_config, torch.device("cpu"), dtype, max_position=max_position)
     tiers = assign_tiers([LayerLayout(layer, shared_tensor_ids(model)).nbytes for layer in model.layers],
@@ -56,6 +56,8 @@ def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verb
     with without_layers(model, placement.streamed):
         if quantize is not None:
             quantize(model)
+        if config.quant_head != "none":
+            quantize_head(model)
         backend = get_backend(dev)
         for module in model.modules():  # a packed copy of a streamed layer would pin a second copy
             if hasattr(module, "pack"):
