@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 _KERNEL_DTYPE = torch.bfloat16
+_int4pack_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 _INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -49,8 +50,9 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
     """x [rows, in] @ the packed weight's transpose -> [rows, out] in x's dtype (no bias)."""
     if path == "int4pack":
         weight, scales_and_zeros, group_size = packed
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(_KERNEL_DTYPE), weight, group_size, scales_and_zeros).to(x.dtype)
+        if x.dtype == _KERNEL_DTYPE:   # the bf16 model's case: no casts (each costs a dispatch at decode)
+            return _int4pack_mm(x, weight, group_size, scales_and_zeros)
+        return _int4pack_mm(x.to(_KERNEL_DTYPE), weight, group_size, scales_and_zeros).to(x.dtype)
     qint8, scale, zero = packed
     y = torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE), qint8, scale)
     return torch.addr(y.float(), x.float().sum(-1), zero).to(x.dtype)
