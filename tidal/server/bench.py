@@ -6,6 +6,9 @@ and their p50/p90/p99), and its registration as the `serve` subcommand of `tidal
 workload and the record come from tidal.bench, so with the same seed and lengths the prompts are
 the ones `tidal bench throughput` replays (same fingerprint) and `tidal bench compare` reads both.
 Prompts go out as token ids (exact input length) with ignore_eos (exact output length).
+`--dataset shared-prefix` is a built-in prefix-caching workload instead (`make_shared_prefix_workload`):
+G groups x P prompts, each prompt = its group's shared system prompt (--prefix-len ids) + its own
+question (--question-len ids), sent in a seeded shuffle so the groups arrive interleaved.
 Must not: import the engine or the server app; it only speaks HTTP, so it measures any
 OpenAI-compatible server that accepts token-id prompts and `ignore_eos`.
 """
@@ -21,8 +24,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from tidal.bench import (add_workload_args, format_table, make_record, make_results, workload_from_args,
-                         write_record)
+from tidal.bench import (MIN_TOKEN_ID, Workload, add_workload_args, format_table, make_record, make_results,
+                         workload_from_args, write_record)
 from tidal.errors import TidalError
 
 
@@ -37,6 +40,45 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-size", type=int, default=None,
                    help="random prompt ids are drawn below this (default: the server's vocab_size)")
     add_workload_args(p)
+    g = p.add_argument_group("shared-prefix workload (--dataset shared-prefix)",
+                             "groups of prompts sharing a system prompt, arriving interleaved; "
+                             "--num-prompts is then groups x prompts per group")
+    g.add_argument("--num-groups", type=int, default=16, help="groups, each with its own shared prefix (default 16)")
+    g.add_argument("--prompts-per-group", type=int, default=16, help="prompts per group (default 16)")
+    g.add_argument("--prefix-len", type=int, default=2048, help="shared prefix (system prompt) tokens (default 2048)")
+    g.add_argument("--question-len", type=int, default=128, help="each prompt's own tokens after it (default 128)")
+
+
+SHARED_PREFIX = "shared-prefix"
+
+
+def make_shared_prefix_workload(num_groups: int = 16, prompts_per_group: int = 16, prefix_len: int = 2048,
+                                question_len: int = 128, output_len=(128, 128), seed: int = 0,
+                                vocab_size: int = 49152) -> Workload:
+    """`num_groups` shared prefixes of `prefix_len` random ids, each followed by `prompts_per_group`
+    questions of `question_len` ids; the prompts shuffled (groups interleaved). Token-exact and the
+    same for the same arguments on every machine. `groups` gives each prompt's group, in send order."""
+    for name, v in (("num-groups", num_groups), ("prompts-per-group", prompts_per_group),
+                    ("prefix-len", prefix_len), ("question-len", question_len)):
+        if v < 1:
+            raise TidalError(f"--{name} must be at least 1", param=name.replace("-", "_"))
+    if not 1 <= output_len[0] <= output_len[1]:
+        raise TidalError(f"--output-len {output_len[0]}-{output_len[1]} must satisfy 1 <= low <= high",
+                         param="output_len")
+    if vocab_size <= MIN_TOKEN_ID:
+        raise TidalError(f"vocabulary of {vocab_size} is too small for random prompts (ids from {MIN_TOKEN_ID})")
+    import random
+    rng = random.Random(seed)
+    ids = lambda n: [rng.randrange(MIN_TOKEN_ID, vocab_size) for _ in range(n)]  # noqa: E731
+    prefixes = [ids(prefix_len) for _ in range(num_groups)]
+    items = [(g, prefixes[g] + ids(question_len)) for g in range(num_groups) for _ in range(prompts_per_group)]
+    rng.shuffle(items)
+    out_lens = [rng.randint(*output_len) for _ in items]
+    n = prefix_len + question_len
+    w = Workload([p for _, p in items], out_lens, seed, (n, n), tuple(output_len),
+                 source=f"{SHARED_PREFIX}:{num_groups}x{prompts_per_group},prefix={prefix_len},question={question_len}")
+    w.groups = [g for g, _ in items]
+    return w
 
 
 @dataclass
@@ -159,7 +201,11 @@ def run_bench_serve(args) -> int:
                          param="url")
     model = args.model or card["id"]
     vocab = args.vocab_size or card.get("vocab_size") or 32000
-    workload = workload_from_args(args, vocab, _ServerTokenizer(url, headers) if args.dataset else None)
+    if args.dataset == SHARED_PREFIX:
+        workload = make_shared_prefix_workload(args.num_groups, args.prompts_per_group, args.prefix_len,
+                                               args.question_len, args.output_len, args.seed, vocab)
+    else:
+        workload = workload_from_args(args, vocab, _ServerTokenizer(url, headers) if args.dataset else None)
     results, elapsed = asyncio.run(_run(args, model, workload))
     ok = [r for r in results if r.ok]
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
@@ -173,6 +219,9 @@ def run_bench_serve(args) -> int:
     record = make_record(workload, engine, make_results(workload, elapsed, None, sum(r.output_tokens for r in ok),
                                                         **latency))
     record["benchmark"] = "serve"
+    if args.dataset == SHARED_PREFIX:
+        record["workload"]["shared_prefix"] = {"num_groups": args.num_groups, "prompts_per_group": args.prompts_per_group,
+                                               "prefix_len": args.prefix_len, "question_len": args.question_len}
     print(format_table([record]))
     print(f"{'':<14}{'mean':>12}{'p50':>12}{'p90':>12}{'p99':>12}")
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):

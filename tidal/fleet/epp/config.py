@@ -18,7 +18,8 @@ File shape (YAML or JSON; every key optional)::
     role: null                      # only endpoints with this role (or "both"); null: any
     prefix:   {block_size: 16, speculative_ttl_s: 2.0, lru_capacity_blocks: 65536}
     scorers:  {prefix: 3, queue: 2, kv_cache: 1, running: 1, session: 2}   # weight 0 turns one off
-    picker:   {tie_break: least_loaded}                                    # or random
+    picker:   {type: max_score, tie_break: least_loaded}   # tie_break: or random; type: or round_robin
+                                    # (round_robin: scores ignored, the next address in turn; a baseline)
     saturation: {queue_depth: 5, kv_cache: 0.8}
     flow_control: {enabled: true, max_queue: 1024, max_queue_per_band: 512, default_priority: 0,
                    queue_timeout_s: 30, bands: {critical: 10, standard: 0, sheddable: -10}}
@@ -63,6 +64,7 @@ class PrefixConfig:
 
 @dataclass
 class PickerConfig:
+    type: str = "max_score"           # max_score | round_robin (ignores the scores: a baseline)
     tie_break: str = "least_loaded"   # least_loaded | random
 
 
@@ -126,6 +128,8 @@ class EPPConfig:
             raise ConfigError("scorers: weights must be >= 0")
         if self.picker.tie_break not in ("least_loaded", "random"):
             raise ConfigError("picker.tie_break must be least_loaded or random")
+        if self.picker.type not in ("max_score", "round_robin"):
+            raise ConfigError("picker.type must be max_score or round_robin")
         if self.prefix.block_size < 1 or self.prefix.speculative_ttl_s < 0 or self.prefix.lru_capacity_blocks < 1:
             raise ConfigError("prefix: block_size and lru_capacity_blocks must be >= 1, speculative_ttl_s >= 0")
         fc = self.flow_control

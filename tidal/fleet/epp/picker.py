@@ -27,8 +27,8 @@ from tidal.fleet.epp.config import EndpointSpec, EPPConfig
 from tidal.fleet.epp.flow_control import FlowController
 from tidal.fleet.epp.metrics import EPPMetrics
 from tidal.fleet.epp.plugins import (HealthFilter, KVCacheScorer, MaxScorePicker, ModelFilter, PrefixCacheScorer,
-                                     QueueScorer, RoleFilter, RunningScorer, SaturationFilter, ScoringContext,
-                                     SessionAffinityScorer)
+                                     QueueScorer, RoleFilter, RoundRobinPicker, RunningScorer, SaturationFilter,
+                                     ScoringContext, SessionAffinityScorer)
 from tidal.fleet.epp.pool import EndpointPool, EndpointState
 from tidal.fleet.epp.prefix_index import PrefixIndex, block_hashes, prompt_token_ids
 from tidal.fleet.epp.request import Decision, RejectedError, RoutingRequest
@@ -58,7 +58,8 @@ class EndpointPicker:
         scorers = {name: cls() for name, cls in _SCORERS.items()}
         scorers["session"] = self.session
         self.scorers = [(scorers[name], w) for name, w in config.scorers.items() if w > 0]
-        self.picker = MaxScorePicker(config.picker.tie_break, rng)
+        self.picker = (RoundRobinPicker() if config.picker.type == "round_robin"
+                       else MaxScorePicker(config.picker.tie_break, rng))
         self.tokenizer = tokenizer
         self._tokenizer_load: asyncio.Future | None = None
         self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-epp-tokenize")

@@ -3,7 +3,8 @@
 Owns: `ScoringContext` (what the plug-ins know about one request), the filters (health, role,
 model, saturation), the scorers (each returns 0..1 per endpoint, 1 = best: prefix-cache hit
 fraction, queue depth, KV-cache utilisation, running requests, session affinity) and
-`MaxScorePicker` (highest weighted sum; ties broken by least load or at random). Load figures are
+`MaxScorePicker` (highest weighted sum; ties broken by least load or at random), and
+`RoundRobinPicker` (scores ignored: the baseline `picker: {type: round_robin}`). Load figures are
 the pool's last poll plus the requests dispatched since (`EndpointState.load`), so a burst sees
 its own earlier picks.
 Must not: poll, tokenize, queue, or keep state beyond a scorer's own memory (the session map).
@@ -174,3 +175,25 @@ class MaxScorePicker:
                 return (-total, e.load, e.running, e.kv_usage)
             return (-total,)
         return sorted(shuffled, key=key)   # sorted is stable: equal keys keep the shuffled order
+
+
+class RoundRobinPicker:
+    """Ignores the scores: the candidate whose address comes next after the last one picked (in
+    host:port order, wrapping), so a filtered-out endpoint is skipped rather than stalling the turn."""
+
+    def __init__(self):
+        self.last: tuple | None = None
+
+    @staticmethod
+    def _key(e: EndpointState) -> tuple:
+        host, _, port = e.address.rpartition(":")
+        return (host, int(port) if port.isdigit() else 0, e.address)
+
+    def rank(self, endpoints: Sequence[EndpointState], totals: dict[str, float]) -> list[EndpointState]:
+        order = sorted(endpoints, key=self._key)
+        if not order:
+            return order
+        i = next((k for k, e in enumerate(order) if self.last is not None and self._key(e) > self.last), 0)
+        ranked = order[i:] + order[:i]
+        self.last = self._key(ranked[0])
+        return ranked
