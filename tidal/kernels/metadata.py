@@ -8,7 +8,7 @@ Must not: build the metadata (the engine's model runner does) or hold model stat
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    _per_token: tuple | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -32,6 +33,22 @@ class AttentionMetadata:
     @property
     def is_all_decode(self) -> bool:
         return self.max_query_len == 1
+
+    def per_token_decode(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The batch as one decode row per new token: (block tables [T, max_blocks], context lengths [T],
+        max context). New token j of a sequence whose q_len tokens end at seq_len sees seq_len - q_len + j + 1
+        tokens, its causal context, once every new K/V is written. So a few tokens per sequence (jump-forward's
+        forced tokens, later draft tokens to verify) run in the batched decode kernel instead of a per-sequence
+        prefill. Built once per step (every layer shares it)."""
+        if self._per_token is None:
+            rows, lens = [], []
+            for i, (q_len, seq_len) in enumerate(zip(self.query_lens_list, self.seq_lens_list)):
+                rows += [i] * q_len
+                lens += range(seq_len - q_len + 1, seq_len + 1)
+            dev = self.block_tables.device
+            self._per_token = (self.block_tables.index_select(0, torch.tensor(rows, device=dev)),
+                               torch.tensor(lens, dtype=self.seq_lens.dtype, device=dev), max(lens))
+        return self._per_token
 
 
 @dataclass

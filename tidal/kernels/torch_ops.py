@@ -41,13 +41,20 @@ def gather_kv(cache, block_table: torch.Tensor, length: int, dtype: torch.dtype 
     return select_blocks(cache, block_table[:n_blocks], dtype).view(n_blocks * bs, h, d)[:length]
 
 
+# Sequences with at most this many new tokens run as decode rows, one per token (AttentionMetadata.
+# per_token_decode): a jump-forward step (2-4 tokens) then stays on the batched decode kernel.
+SMALL_QUERY_LEN = 8
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, decode=None, prefill=None) -> torch.Tensor:
     """q: [T, heads, head_dim] -> [T, heads, head_dim], causal over each sequence's cached context.
 
     Decode rows (one new token) run together in one batch: `decode(q, block_tables, seq_lens,
     max_seq_len)` when a backend has a kernel for it, else one padded, masked torch batch (on CPU a
-    per-sequence loop costs more in dispatch than the math). Prefill rows run one sequence at a
+    per-sequence loop costs more in dispatch than the math). When no sequence has more than
+    SMALL_QUERY_LEN new tokens, each new token is a decode row of its own over its causal context.
+    Otherwise prefill rows run one sequence at a
     time over exactly their own context: `prefill(q, block_table, seq_len)` when a backend has a
     kernel (it returns None for a case it does not handle), else `prefill_attention` below.
     """
@@ -56,6 +63,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return decode_attention(q_dec, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale)
     if meta.is_all_decode:
         return decode(q, meta.block_tables, meta.seq_lens, meta.max_seq_len)
+    if meta.max_query_len <= SMALL_QUERY_LEN:   # a few new tokens per sequence: one decode row per token
+        return decode(q, *meta.per_token_decode())
     out = torch.empty_like(q)
     dec_rows = [i for i, n in enumerate(meta.query_lens_list) if n == 1]
     starts = meta.query_start_loc.tolist() if q.device.type == "cpu" else _host_offsets(meta.query_lens_list)
