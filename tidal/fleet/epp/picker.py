@@ -56,6 +56,7 @@ class EndpointPicker:
         self.saturation = SaturationFilter(config.saturation)
         self.session = SessionAffinityScorer()
         scorers = {name: cls() for name, cls in _SCORERS.items()}
+        scorers["queue"] = QueueScorer(config.saturation.queue_depth)
         scorers["session"] = self.session
         self.scorers = [(scorers[name], w) for name, w in config.scorers.items() if w > 0]
         self.picker = (RoundRobinPicker() if config.picker.type == "round_robin"

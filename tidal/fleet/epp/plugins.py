@@ -91,14 +91,12 @@ class SaturationFilter:
 
 
 # ---- scorers ----------------------------------------------------------------------------------
-def _min_max_inverted(values: dict[str, float]) -> dict[str, float]:
-    """Lowest value -> 1, highest -> 0, linear between; all equal -> 1."""
-    if not values:
-        return {}
-    lo, hi = min(values.values()), max(values.values())
-    if hi - lo <= 1e-12:
-        return {k: 1.0 for k in values}
-    return {k: (hi - v) / (hi - lo) for k, v in values.items()}
+def _inverse(values: dict[str, float], scale: float) -> dict[str, float]:
+    """0 -> 1, `scale` -> 0.5, falling smoothly beyond (scale / (scale + v)). An absolute scale, not
+    min-max: with min-max, one request in flight against none is the scorer's whole weight, which
+    outweighs a full prefix hit and sends a session's next turn away from the replica holding it."""
+    scale = max(float(scale), 1e-9)
+    return {k: scale / (scale + max(v, 0.0)) for k, v in values.items()}
 
 
 class PrefixCacheScorer:
@@ -111,18 +109,27 @@ class PrefixCacheScorer:
 
 
 class QueueScorer:
-    """Shorter waiting queue (as polled, plus what the EPP sent since) scores higher; min-max scaled."""
+    """Shorter waiting queue (as polled, plus what the EPP sent since) scores higher: 1 when empty,
+    0.5 at `scale` (the saturation queue depth) waiting."""
     name = "queue"
 
+    def __init__(self, scale: float = 5):
+        self.scale = scale
+
     def score(self, ctx, endpoints):
-        return _min_max_inverted({e.address: e.load for e in endpoints})
+        return _inverse({e.address: e.load for e in endpoints}, self.scale)
 
 
 class RunningScorer:
+    """Fewer running requests (a smaller batch, faster decoding) scores higher: 1 when idle, 0.5 at
+    `scale` running."""
     name = "running"
 
+    def __init__(self, scale: float = 8):
+        self.scale = scale
+
     def score(self, ctx, endpoints):
-        return _min_max_inverted({e.address: e.running for e in endpoints})
+        return _inverse({e.address: e.running for e in endpoints}, self.scale)
 
 
 class KVCacheScorer:
