@@ -4,8 +4,8 @@ Stub replicas are tiny OpenAI-ish HTTP servers in threads (JSON and SSE); the pi
 with the EPP's interface (docs/fleet.md seam 3) that the test steers. Checks: the request reaches
 the endpoint the picker chose (body seen by the picker), SSE passes through unbuffered, a picker
 rejection reaches the client as its status + JSON body, the EPP down fails closed with a 503, a
-refused connection is retried once on the fallback replica, and `tidal gateway` / `tidal cluster
-up` start and stop with nothing left behind.
+refused connection is retried once on the fallback replica (and with both refusing, Envoy's 503
+is OpenAI JSON), and `tidal gateway` / `tidal cluster up` start and stop with nothing left behind.
 """
 import asyncio
 import contextlib
@@ -137,16 +137,16 @@ class Loop:
 @pytest.fixture(scope="module")
 def env():
     stubs = [Stub("a"), Stub("b"), Stub("c")]
-    dead = f"127.0.0.1:{free_port()}"    # nothing listens: connection refused
+    dead, dead2 = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"    # nothing listens: connection refused
     picker = SteeredPicker(lambda r: (stubs[0].endpoint, []))
-    s = GatewaySettings(replicas=[st.endpoint for st in stubs] + [dead], port=free_port(), epp_port=free_port(),
+    s = GatewaySettings(replicas=[st.endpoint for st in stubs] + [dead, dead2], port=free_port(), epp_port=free_port(),
                         metrics_port=free_port(), admin_port=free_port(), envoy_concurrency=1)
     loop = Loop()
     gw = Gateway(s, picker=picker)
     loop.run(gw.start())
     client = httpx.Client(base_url=gw.url, timeout=10)
     try:
-        yield {"stubs": stubs, "dead": dead, "picker": picker, "gw": gw, "loop": loop, "client": client}
+        yield {"stubs": stubs, "dead": dead, "dead2": dead2, "picker": picker, "gw": gw, "loop": loop, "client": client}
     finally:
         client.close()
         loop.run(gw.stop())
@@ -220,6 +220,16 @@ def test_refused_connection_is_retried_once_on_the_fallback(env):
     assert r.status_code == 200 and r.json()["served_by"] == "b"
     stats = httpx.get(f"http://127.0.0.1:{env['gw'].s.admin_port}/stats?filter=tidal_replicas.upstream_rq_retry$").text
     assert "upstream_rq_retry: 1" in stats.replace("cluster.tidal_replicas.", ""), stats
+
+
+def test_replica_and_fallback_both_failing_is_an_openai_json_503(env):
+    """Envoy's own 503 (connect failure, retry exhausted) gets OpenAI's error shape, not Envoy's text."""
+    env["picker"].route = lambda r: (env["dead"], [env["dead2"]])
+    r = env["client"].post("/v1/completions", json={"prompt": "nobody home"})
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    err = r.json()["error"]
+    assert err["code"] == "upstream_failure" and err["type"] == "service_unavailable_error"
+    assert "failed before it responded" in err["message"] and "param" in err
 
 
 def test_epp_metrics_and_health(env):
