@@ -160,8 +160,10 @@ def test_prefix_cache_lowers_ttft(replica):
     url = replica["url"]
     prompt = "Once upon a time in a land far away, " * 40   # ~400 tokens: ~200 ms of simulated prefill
     cold = _ttft(url, prompt)
-    warm = _ttft(url, prompt)
-    assert warm < cold / 2, (cold, warm)
+    warm = min(_ttft(url, prompt) for _ in range(2))
+    # the difference, not a ratio: HTTP and scheduling overhead are in both and grow on a busy machine,
+    # while the cached ~390 tokens save ~195 ms of simulated prefill whatever the load
+    assert cold - warm > 0.1, (cold, warm)
     assert _metric(url, "tidal:prefix_cache_hits_total") > 0 or _metric(url, "tidal:prefix_cache_hit_rate") > 0
 
 
