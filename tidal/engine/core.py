@@ -19,12 +19,12 @@ Must not: see text, detokenize or look for stop strings, fan out n > 1, or check
 from __future__ import annotations
 
 import logging
-import time
 
 from tidal.config import EngineConfig
-from tidal.engine.core_io import CoreInfo, CoreStats, EngineCoreOutput, EngineCoreRequest
+from tidal.engine.core_base import CoreBase, new_stats
+from tidal.engine.core_io import EngineCoreOutput, EngineCoreRequest
 from tidal.engine.model_runner import ModelRunner
-from tidal.engine.request import Request, RequestStatus
+from tidal.engine.request import Request
 from tidal.engine.resolve import resolve_engine_config
 from tidal.engine.scheduler import Scheduler
 from tidal.engine.step_io import ModelRunnerOutput, SchedulerOutput
@@ -37,7 +37,7 @@ from tidal.weights.generation_config import generation_defaults
 logger = logging.getLogger("tidal.engine")
 
 
-class EngineCore:
+class EngineCore(CoreBase):
     def __init__(self, config: EngineConfig, verbose: bool = False):
         self.config = config
         self.resolved = resolved = resolve_engine_config(config)
@@ -66,54 +66,19 @@ class EngineCore:
         self.jump_forward = config.enable_jump_forward
         self._requests: dict[str, Request] = {}
         self.last_scheduler_output: SchedulerOutput | None = None   # the most recent step's, for tests
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0,
-                      "jump_forward_tokens": 0}
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.block_manager.num_blocks * self.block_manager.block_size
-
-    def info(self) -> CoreInfo:
-        return CoreInfo(self.max_model_len, self.vocab_size, self.kv_capacity_tokens, dict(self.default_sampling),
-                        sorted(self.eos_token_ids), self.snapshot())
-
-    def snapshot(self, step_seconds: float = 0.0) -> CoreStats:
-        return CoreStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.stats(),
-                         dict(self.stats), step_seconds)
+        self.stats = new_stats()
 
     # ---- requests ----------------------------------------------------------------------------
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         """Queue sequences the frontend has checked (input_processor.py). A grammar is compiled off the
         step loop: the request reaches the scheduler when it is ready."""
         for r in requests:
-            if r.request_id in self._requests:   # the frontend never reuses a live id; a retry is a no-op
-                logger.warning("request %s is already in the engine; ignoring the second add", r.request_id)
+            req = self._admit(r)
+            if req is None:
                 continue
-            req = Request(r.request_id, list(r.prompt_token_ids), r.params, r.seed, priority=r.priority,
-                          arrival_time=r.arrival_time or time.monotonic())
-            if r.params.logprobs is not None:
-                req.logprobs = []
-            self._requests[req.request_id] = req
             compiled = self.grammars.compile(r.params)
             if compiled is None or self.grammars.attach(req, compiled):
                 self.scheduler.add(req)
-
-    def abort_requests(self, request_ids: list[str], reason: str = "abort") -> list[EngineCoreOutput]:
-        """Stop sequences now; their blocks return to the pool. reason "abort" (the client left) is counted
-        as aborted; "stop" (the frontend found a stop string) only drops a sequence that already ended."""
-        outs = []
-        for rid in request_ids:
-            req = self._requests.get(rid)
-            if req is None:
-                continue
-            self._finish(req, "abort")
-            if reason == "abort":
-                self.stats["aborted"] += 1
-            outs.append(EngineCoreOutput(rid, [], finish_reason="abort", num_cached_tokens=req.num_cached_tokens))
-        return outs
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -186,17 +151,8 @@ class EngineCore:
             req.forced_token_ids.append(token)
             self._append_token(req, token, None, o)
 
-    def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = reason
-        self.scheduler.remove(req)
+    def _on_finish(self, req: Request) -> None:
         self.grammars.discard(req)
-        req.status = RequestStatus.FINISHED
-        self.stats["finished"] += 1
-        self.stats["prompt_tokens"] += len(req.prompt_token_ids)
-        self._requests.pop(req.request_id, None)
-
-    def kv_stats(self) -> dict:
-        return self.block_manager.stats()
 
     def shutdown(self) -> None:
         self.grammars.shutdown()

@@ -18,21 +18,19 @@ Must not: load weights, run a model (no torch op), or know about threads or HTTP
 """
 from __future__ import annotations
 
-import logging
 import re
 import time
 
 from tidal.config import EngineConfig
-from tidal.engine.core_io import CoreInfo, CoreStats, EngineCoreOutput, EngineCoreRequest
-from tidal.engine.request import Request, RequestStatus
+from tidal.engine.core_base import CoreBase, new_stats
+from tidal.engine.core_io import EngineCoreOutput, EngineCoreRequest
+from tidal.engine.request import Request
 from tidal.engine.scheduler import Scheduler
 from tidal.engine.stop_checks import check_stop, eos_ids
 from tidal.sim.latency import SimConfig
 from tidal.kv.block_manager import BlockManager
 from tidal.weights.generation_config import generation_defaults
 from tidal.weights.loader import open_checkpoint
-
-logger = logging.getLogger("tidal.sim")
 
 DEFAULT_NUM_KV_BLOCKS = 4096
 _WORD = re.compile(r"^(\u0120|\u2581)?[A-Za-z]{2,10}$")   # a plain word, with its byte-level / sentencepiece space
@@ -62,7 +60,7 @@ def word_token_pool(tokenizer, eos: set[int]) -> list[int]:
     return pool
 
 
-class SimulatedCore:
+class SimulatedCore(CoreBase):
     def __init__(self, config: EngineConfig, sim: SimConfig | None = None):
         self.config = config
         self.sim = sim = sim or SimConfig()
@@ -89,52 +87,19 @@ class SimulatedCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
         self._seeds: dict[str, int] = {}
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0,
-                      "jump_forward_tokens": 0}
+        self.stats = new_stats()
         self.last_step_shape = (0, 0)   # (prefill tokens, decode sequences) of the latest step, for tests
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.block_manager.num_blocks * self.block_manager.block_size
-
-    def info(self) -> CoreInfo:
-        return CoreInfo(self.max_model_len, self.vocab_size, self.kv_capacity_tokens, dict(self.default_sampling),
-                        sorted(self.eos_token_ids), self.snapshot())
-
-    def snapshot(self, step_seconds: float = 0.0) -> CoreStats:
-        return CoreStats(len(self.scheduler.running), len(self.scheduler.waiting), self.block_manager.stats(),
-                         dict(self.stats), step_seconds)
 
     # ---- requests ----------------------------------------------------------------------------
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         for r in requests:
-            if r.request_id in self._requests:
-                logger.warning("request %s is already in the engine; ignoring the second add", r.request_id)
+            req = self._admit(r)
+            if req is None:
                 continue
-            req = Request(r.request_id, list(r.prompt_token_ids), r.params, r.seed, priority=r.priority,
-                          arrival_time=r.arrival_time or time.monotonic())
-            if r.params.logprobs is not None:
-                req.logprobs = []
             greedy = r.params.temperature is not None and r.params.temperature == 0
             # greedy: the output depends on the prompt only, as a real model's does
             self._seeds[req.request_id] = hash(tuple(req.prompt_token_ids)) & _MASK if greedy else r.seed & _MASK
-            self._requests[req.request_id] = req
             self.scheduler.add(req)
-
-    def abort_requests(self, request_ids: list[str], reason: str = "abort") -> list[EngineCoreOutput]:
-        outs = []
-        for rid in request_ids:
-            req = self._requests.get(rid)
-            if req is None:
-                continue
-            self._finish(req, "abort")
-            if reason == "abort":
-                self.stats["aborted"] += 1
-            outs.append(EngineCoreOutput(rid, [], finish_reason="abort", num_cached_tokens=req.num_cached_tokens))
-        return outs
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -181,17 +146,8 @@ class SimulatedCore:
             return self._eos
         return self._pool[_mix(h) % len(self._pool)]
 
-    def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = reason
-        self.scheduler.remove(req)
-        req.status = RequestStatus.FINISHED
-        self.stats["finished"] += 1
-        self.stats["prompt_tokens"] += len(req.prompt_token_ids)
-        self._requests.pop(req.request_id, None)
+    def _on_finish(self, req: Request) -> None:
         self._seeds.pop(req.request_id, None)
-
-    def kv_stats(self) -> dict:
-        return self.block_manager.stats()
 
     def shutdown(self) -> None:
         if self.kv_event_publisher is not None:
