@@ -402,3 +402,45 @@ def test_replica_killed_under_load(fleet):
 def _envoy_stat(gw, name: str) -> int:
     text_ = httpx.get(f"http://127.0.0.1:{gw.s.admin_port}/stats?filter=^cluster.tidal_replicas.{name}$").text
     return int(text_.split(":")[1]) if ":" in text_ else 0
+
+
+def test_a_stream_is_retried_before_its_first_token(tmp_path):
+    """Two slow-prefill replicas: a streamed request whose replica is SIGKILLed during its prefill (no
+    response byte sent yet: the server starts a stream with its first token) is retried once on the
+    other replica and streams to [DONE]."""
+    (tmp_path / "slow.json").write_text(json.dumps({**SIM, "prefill_ms_per_token": 10}))
+    pair = [Replica(str(tmp_path / "slow.json"), str(tmp_path / f"slow{i}.log")) for i in range(2)]
+    loop = Loop()
+    gw = None
+    try:
+        wait_healthy(pair)
+        gw = gateway(loop, pair)
+        retries = _envoy_stat(gw, "upstream_rq_retry")
+        body = {"model": MODEL, "prompt": text(11, 150), "max_tokens": 5, "ignore_eos": True, "stream": True}
+        got: list = []
+
+        def stream():
+            with httpx.stream("POST", gw.url + "/v1/completions", json=body, timeout=30) as r:
+                got.append(r.status_code)
+                got.extend(line[6:] for line in r.iter_lines() if line.startswith("data: "))
+        thread = threading.Thread(target=stream)
+        thread.start()
+        deadline = time.monotonic() + 10   # the EPP's count: a replica's own metrics lag its running step
+        while not any(epp_sample(gw, "tidal_epp:routed_total", endpoint=r.address) for r in pair) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        home = next(r for r in pair if epp_sample(gw, "tidal_epp:routed_total", endpoint=r.address))
+        time.sleep(0.3)
+        assert not got   # still in its prefill (~1.5 s of simulated compute): nothing sent yet
+        home.proc.kill()
+        thread.join(30)
+        assert not thread.is_alive()
+        assert got[0] == 200 and got[-1] == "[DONE]", got
+        assert sum(len(json.loads(e)["choices"][0]["text"]) > 0 for e in got[1:-1]) == 5, got
+        assert _envoy_stat(gw, "upstream_rq_retry") == retries + 1
+    finally:
+        if gw is not None:
+            loop.run(gw.stop())
+        loop.close()
+        for r in pair:
+            r.stop()

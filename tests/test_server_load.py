@@ -246,7 +246,9 @@ class _StubEngine:
 
     def snapshot(self, seconds=0.0):
         from tidal.engine.core_io import CoreStats
-        return CoreStats(len(self.reqs), 0, {"used": len(self.reqs), "total": 4}, dict(self.stats), seconds)
+        kv = {"used": len(self.reqs), "total": 4, "usage": len(self.reqs) / 4, "prefix_queries": 0, "prefix_hits": 0,
+              "hit_rate": 0.0}
+        return CoreStats(len(self.reqs), 0, kv, dict(self.stats), seconds)
 
     def add_requests(self, requests):
         for r in requests:
@@ -341,3 +343,27 @@ def test_async_engine_threading():
         return [o async for o in hard.generate("z", [1], SamplingParams(max_tokens=1000))]
 
     asyncio.run(scenario())
+
+
+def test_stream_starts_with_its_first_token():
+    """A streamed response's 200 goes out with the first token: a request that fails before it gets an
+    HTTP error (a gateway can retry it on another replica), not a 200 whose only event is the error."""
+    from starlette.testclient import TestClient
+    from tidal.engine.async_engine import AsyncEngine
+    from tidal.server.app import build_app
+
+    stub = _StubEngine()
+    engine = AsyncEngine(stub)
+    app = build_app(engine, "stub", shutdown_engine=False)
+    body = {"model": "stub", "prompt": [1, 2, 3], "max_tokens": 3, "stream": True}
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            stub.fail = True   # the next engine step raises: before the request's first token
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error", r.text
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and len(events) == 4   # 3 tokens, then [DONE]
+    finally:
+        asyncio.run(engine.shutdown(drain=False, timeout=10))

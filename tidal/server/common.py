@@ -4,7 +4,8 @@ engine requests until done, until the client leaves or until the shutdown cut, a
 Owns: `Prepared` (a request checked and tokenized: what serving_*.prepare_* hand to the engine,
 the server's frontend or `tidal batch`'s LLMEngine alike), `usage`, `sampling_params` (with `structured_outputs`, the request's grammar constraint), `check_fits` / `check_num_seqs` (what a request may ask for), `add_requests`
 and `iterate` (one or many prompts, merged in arrival order, aborted when the client goes away, the
-handler is cancelled or `ServerContext.cut_streams` ends them), `SSEResponse` (a streaming response
+handler is cancelled or `ServerContext.cut_streams` ends them), `first_output` (a stream's response
+starts with its first token, so an earlier failure is an HTTP error a gateway can retry), `SSEResponse` (a streaming response
 that aborts its requests however the stream ends) and `sse`. `ServerContext` lives in context.py.
 Must not: know the JSON shapes of chat or completion responses (serving_*.py own those).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -194,6 +196,27 @@ async def iterate(ctx: ServerContext, streams: list[RequestStream],
             t.finish(aborted=True)   # a no-op for requests whose final output was seen
 
 
+async def first_output(ctx: ServerContext, streams: list[RequestStream], arrival: float, raw: Request):
+    """`iterate` over the streams, once its first output is in. A streamed response starts (status 200,
+    headers) only then: a request that fails before its first token gets an HTTP error rather than a 200
+    with an error event, and a replica that dies before it is a reset a gateway can retry elsewhere
+    (tidal gateway's Envoy retries once). The first event then goes out with the first token, which
+    is when a client would have seen content anyway."""
+    outputs = iterate(ctx, streams, arrival)
+    try:
+        first = await until_disconnect(raw, outputs.__anext__())
+    except BaseException:
+        await outputs.aclose()
+        raise
+
+    async def chained():
+        async with aclosing(outputs):
+            yield first
+            async for item in outputs:
+                yield item
+    return chained()
+
+
 async def until_disconnect(request: Request, coro):
     """Await coro, but cancel it (which aborts its engine requests) if the client goes away first."""
     task = asyncio.ensure_future(coro)
@@ -250,4 +273,4 @@ class SSEResponse(StreamingResponse):
 
 
 __all__ = ["ServerContext", "Prepared", "usage", "logprob_value", "sampling_params", "check_request", "check_fits", "add_requests",
-           "iterate", "until_disconnect", "sse", "SSEResponse", "new_id"]
+           "iterate", "first_output", "until_disconnect", "sse", "SSEResponse", "new_id"]

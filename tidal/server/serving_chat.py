@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from tidal.server.common import (Prepared, SSEResponse, ServerContext, add_requests, check_fits, check_request,
-                                 iterate, logprob_value, new_id, sampling_params, sse, until_disconnect, usage)
+                                 first_output, iterate, logprob_value, new_id, sampling_params, sse, until_disconnect,
+                                 usage)
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import ChatCompletionRequest
 from tidal.server.serving_tools import ChatTools
@@ -121,8 +122,9 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     head = {"id": rid, "created": int(time.time()), "model": model}
     if req.stream:
         opts = req.stream_options
-        gen = _stream(ctx, streams, arrival, head, prep.prompt_tokens, req.n, req.top_logprobs or 0, prep.tools,
-                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+        outputs = await first_output(ctx, streams, arrival, raw)
+        gen = _stream(outputs, head, prep.prompt_tokens, req.n, req.top_logprobs or 0, prep.tools,
+                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats), ctx)
         return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
     final = await until_disconnect(raw, _last(ctx, streams, arrival))
     return JSONResponse(chat_completion_body(ctx, req, prep, head, final))
@@ -136,7 +138,7 @@ async def _last(ctx, streams, arrival):
     return final
 
 
-async def _stream(ctx, streams, arrival, head, prompt_len, n, top, tools, include_usage, continuous_usage):
+async def _stream(outputs, head, prompt_len, n, top, tools, include_usage, continuous_usage, ctx):
     head = {**head, "object": "chat.completion.chunk"}
     sent_tokens, finished = [0] * n, [False] * n
     states = [tools.stream() for _ in range(n)]
@@ -150,7 +152,7 @@ async def _stream(ctx, streams, arrival, head, prompt_len, n, top, tools, includ
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
-        async with aclosing(iterate(ctx, streams, arrival)) as outputs:
+        async with aclosing(outputs):
             async for _, out in outputs:
                 rounds: list[list[dict]] = []   # a choice's k-th event goes out in the k-th chunk
                 for c in out.outputs:

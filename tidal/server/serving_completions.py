@@ -16,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from tidal.server.common import (Prepared, SSEResponse, ServerContext, add_requests, check_fits, check_request,
-                                 iterate, logprob_value, new_id, sampling_params, sse, until_disconnect, usage)
+                                 first_output, iterate, logprob_value, new_id, sampling_params, sse, until_disconnect,
+                                 usage)
 from tidal.server.context import LONG_CHARS
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import CompletionRequest
@@ -102,8 +103,9 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, raw: Req
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     if req.stream:
         opts = req.stream_options
-        gen = _stream(ctx, streams, arrival, head, prep.prompt_tokens, req.n, prep.echo,
-                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+        outputs = await first_output(ctx, streams, arrival, raw)
+        gen = _stream(outputs, len(streams), head, prep.prompt_tokens, req.n, prep.echo,
+                      bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats), ctx)
         return SSEResponse(gen, on_close=lambda: [s.abort() for s in streams])
     finals = await until_disconnect(raw, _collect(ctx, streams, arrival))
     return JSONResponse(completion_body(ctx, req, prep, head, finals))
@@ -117,10 +119,10 @@ async def _collect(ctx, streams, arrival):
     return finals
 
 
-async def _stream(ctx, streams, arrival, head, prompt_tokens, n, echo, include_usage, continuous_usage):
-    sent = [[0] * n for _ in streams]        # tokens already sent, per prompt and sample
-    offsets = [[0] * n for _ in streams]     # text offset for logprobs
-    finished = [[False] * n for _ in streams]
+async def _stream(outputs, num_prompts, head, prompt_tokens, n, echo, include_usage, continuous_usage, ctx):
+    sent = [[0] * n for _ in range(num_prompts)]        # tokens already sent, per prompt and sample
+    offsets = [[0] * n for _ in range(num_prompts)]     # text offset for logprobs
+    finished = [[False] * n for _ in range(num_prompts)]
 
     def chunk(choices):
         body = {**head, "choices": choices}
@@ -132,8 +134,8 @@ async def _stream(ctx, streams, arrival, head, prompt_tokens, n, echo, include_u
     try:
         if echo:
             yield chunk([{"index": i * n + j, "text": echo[i], "logprobs": None, "finish_reason": None}
-                         for i in range(len(streams)) for j in range(n)])
-        async with aclosing(iterate(ctx, streams, arrival)) as outputs:
+                         for i in range(num_prompts) for j in range(n)])
+        async with aclosing(outputs):
             async for i, out in outputs:
                 choices = []
                 for c in out.outputs:
