@@ -49,6 +49,11 @@ class EngineCoreLoop:
                     shutting_down = True
             if shutting_down and not drain and self.live:
                 outputs += core.abort_requests(sorted(self.live))
+            if any(isinstance(c, AddRequests) for c in commands) and core.has_unfinished_requests():
+                # new requests show in the stats (waiting) now, not after a step that may take seconds:
+                # a gateway polling /metrics would otherwise send a burst here on a stale, idle picture
+                self._emit(outputs, {}, 0.0)
+                outputs = []
             seconds = 0.0
             if core.has_unfinished_requests():
                 t0 = time.perf_counter()
@@ -61,11 +66,14 @@ class EngineCoreLoop:
                     core.abort_requests(ids)
                     failed = dict.fromkeys(ids, message)
                 seconds = time.perf_counter() - t0
-            for o in outputs:
-                if o.finish_reason is not None:
-                    self.live.discard(o.request_id)
-            self.live.difference_update(failed)
             if outputs or commands or failed:
-                self.emit(EngineCoreOutputs(outputs, core.snapshot(seconds), failed))
+                self._emit(outputs, failed, seconds)
             if shutting_down and not core.has_unfinished_requests():
                 return
+
+    def _emit(self, outputs: list, failed: dict, seconds: float) -> None:
+        for o in outputs:
+            if o.finish_reason is not None:
+                self.live.discard(o.request_id)
+        self.live.difference_update(failed)
+        self.emit(EngineCoreOutputs(outputs, self.core.snapshot(seconds), failed))
