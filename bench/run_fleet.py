@@ -9,6 +9,11 @@ this script; an exit by signal or error still stops them).
 
     python bench/run_fleet.py                      # simulated 8 replicas, then real 2 replicas
     python bench/run_fleet.py --parts sim          # only the simulated part (sim, real, or both: sim,real)
+    python bench/run_fleet.py --table-only         # the table of the runs recorded in --out
+
+Policies (EPP configs): prefix-precise / prefix-approx = the default scorer weights with / without the
+replicas' KV events; prefix6-approx = the prefix scorer at 6; round-robin = `picker: {type: round_robin}`.
+Takes ~17 minutes on 2 shared cores (the simulated round-robin run ~4.5 of them).
 
 Records (the bench's JSON, the EPP configs, replica and gateway logs) go to --out (bench/out/fleet/).
 """
@@ -33,6 +38,9 @@ _children: list[subprocess.Popen] = []
 # message timeout (504s); the replicas queue instead. The saturation filter still steers picks.
 NO_HOLD = {"flow_control": {"enabled": False}}
 PREFIX_LOAD = {**NO_HOLD}   # the EPP's default weights: prefix 3, queue 2, kv_cache 1, running 1, session 2
+# The default weights with the prefix scorer at 6: a held prefix (up to 6 x 128/136 = 5.6) then outweighs
+# the load scorers' largest spread (queue 2 + running 1 + kv_cache 1 = 4); saturation still spreads.
+PREFIX_HEAVY = {**NO_HOLD, "scorers": {"prefix": 6}}
 ROUND_ROBIN = {**NO_HOLD, "picker": {"type": "round_robin"},
                "scorers": {"prefix": 0, "queue": 0, "kv_cache": 0, "running": 0, "session": 0}}
 
@@ -102,10 +110,21 @@ def replica_prefix(urls: list[str]) -> list[tuple[float, float]]:
     return out
 
 
+def ports_free(ports: list[int]) -> None:
+    """Refuse to start over anything already listening on our ports (a stale run would answer for us)."""
+    import socket
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                raise SystemExit(f"run_fleet: port {port} is already in use; stop what holds it or pass --base-port")
+
+
 def run_one(name: str, a, replicas_cmd, n: int, epp: dict, precise: bool, bench_args: list[str],
             start_timeout: float) -> dict:
     out = a.out
     base = a.base_port
+    ports_free([base + i for i in range(2 * n)] + [base + 80 + i for i in range(4)])
     urls = [f"http://127.0.0.1:{base + i}" for i in range(n)]
     reps = [start(replicas_cmd(i), f"{out}/{name}.replica{i}.log") for i in range(n)]
     gw = None
@@ -191,18 +210,21 @@ def main() -> int:
     ap.add_argument("--base-port", type=int, default=18300, help="replica i on BASE+i, its KV events on BASE+N+i, "
                     "the gateway on BASE+80..83")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table-only", action="store_true", help="print the table of the runs recorded in --out")
     # simulated part
     ap.add_argument("--sim-replicas", type=int, default=8)
-    ap.add_argument("--sim-kv-blocks", type=int, default=512,
-                    help="each simulated replica's KV pool in 16-token blocks (512 = 8192 tokens = four 2048-token "
-                         "prefixes, nothing else)")
+    ap.add_argument("--sim-kv-blocks", type=int, default=640,
+                    help="each simulated replica's KV pool in 16-token blocks (640 = 10,240 tokens: four 2048-token "
+                         "prefixes + 128 blocks for the requests' own tokens)")
     ap.add_argument("--sim-workload", default="16,16,2048,128,128", help="groups,per-group,prefix,question,output")
-    ap.add_argument("--sim-rate", default="6", help="request rate, req/s (Poisson; inf = all at once)")
-    ap.add_argument("--sim-policies", default="prefix-precise,prefix-approx,round-robin")
+    ap.add_argument("--sim-rate", default="inf", help="request rate, req/s (Poisson; inf = all at once)")
+    ap.add_argument("--sim-concurrency", default="48", help="most requests in flight (0: no cap)")
+    ap.add_argument("--sim-policies", default="prefix-precise,prefix-approx,prefix6-approx,round-robin")
     # real part
     ap.add_argument("--real-replicas", type=int, default=2)
-    ap.add_argument("--real-workload", default="4,4,512,128,128", help="groups,per-group,prefix,question,output")
-    ap.add_argument("--real-rate", default="1")
+    ap.add_argument("--real-workload", default="8,8,512,128,128", help="groups,per-group,prefix,question,output")
+    ap.add_argument("--real-rate", default="inf")
+    ap.add_argument("--real-concurrency", default="16")
     ap.add_argument("--real-policies", default="prefix-precise,round-robin")
     ap.add_argument("--real-serve-args", default="--dtype bfloat16",
                     help="extra flags for each real replica's tidal serve")
@@ -211,14 +233,24 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(143))
     policies = {"prefix-precise": (PREFIX_LOAD, True), "prefix-approx": (PREFIX_LOAD, False),
+                "prefix6-precise": (PREFIX_HEAVY, True), "prefix6-approx": (PREFIX_HEAVY, False),
                 "round-robin": (ROUND_ROBIN, True)}
 
-    def bench_args(spec: str, rate: str) -> list[str]:
+    def bench_args(spec: str, rate: str, conc: str) -> list[str]:
         g, p, pre, q, o = spec.split(",")
-        return ["--dataset", "shared-prefix", "--num-groups", g, "--prompts-per-group", p, "--prefix-len", pre,
+        return (["--max-concurrency", conc] if int(conc) > 0 else []) + ["--dataset", "shared-prefix", "--num-groups", g, "--prompts-per-group", p, "--prefix-len", pre,
                 "--question-len", q, "--output-len", o, "--seed", str(a.seed), "--request-rate", rate]
 
     rows: list[dict] = []
+    if a.table_only:
+        order = list(policies)
+        for path in sorted(os.listdir(a.out)):
+            if path.endswith(".row.json"):
+                with open(os.path.join(a.out, path)) as f:
+                    rows.append(json.load(f))
+        rows.sort(key=lambda r: (not r["name"].startswith("sim"), order.index(r["name"].split("-", 1)[1])
+                                 if r["name"].split("-", 1)[1] in order else 99))
+        a.parts = ""
     try:
         if "sim" in a.parts:
             n = a.sim_replicas
@@ -230,7 +262,7 @@ def main() -> int:
             for pol in a.sim_policies.split(","):
                 epp, precise = policies[pol]
                 rows.append(run_one(f"sim{n}-{pol}", a, sim_cmd, n, epp, precise,
-                                    bench_args(a.sim_workload, a.sim_rate), 180))
+                                    bench_args(a.sim_workload, a.sim_rate, a.sim_concurrency), 180))
         if "real" in a.parts:
             n = a.real_replicas
 
@@ -241,16 +273,15 @@ def main() -> int:
             for pol in a.real_policies.split(","):
                 epp, precise = policies[pol]
                 rows.append(run_one(f"real{n}-{pol}", a, real_cmd, n, epp, precise,
-                                    bench_args(a.real_workload, a.real_rate), 600))
+                                    bench_args(a.real_workload, a.real_rate, a.real_concurrency), 600))
     finally:
         stop(list(_children))
     print()
     print(table(rows))
     by = {r["name"]: r for r in rows}
-    for fast, slow in ((f"sim{a.sim_replicas}-prefix-precise", f"sim{a.sim_replicas}-round-robin"),
-                       (f"sim{a.sim_replicas}-prefix-approx", f"sim{a.sim_replicas}-round-robin"),
-                       (f"real{a.real_replicas}-prefix-precise", f"real{a.real_replicas}-round-robin")):
-        line = ratios(by, fast, slow)
+    for r in rows:
+        fleet, pol = r["name"].split("-", 1)
+        line = ratios(by, r["name"], f"{fleet}-round-robin") if pol != "round-robin" else ""
         if line:
             print(line)
     with open(f"{a.out}/table.md", "w") as f:
