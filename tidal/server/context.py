@@ -51,7 +51,7 @@ class ServerContext:
     def __init__(self, tokenizer, served_model_name: str, model_aliases: tuple[str, ...] = (), *,
                  max_model_len: int, kv_capacity_tokens: int, default_sampling: dict | None = None,
                  max_seqs_per_request: int = DEFAULT_MAX_SEQS_PER_REQUEST, engine: EngineFrontend | None = None):
-        """`engine`: the frontend that runs the requests (common.add_requests) and that the metrics
+        """`engine`: the frontend that runs the requests (streaming.add_requests) and that the metrics
         read; None for an offline user (`tidal batch`) that only prepares requests and shapes results."""
         self.engine = engine
         self.tokenizer = tokenizer
@@ -71,7 +71,7 @@ class ServerContext:
         self._long_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-tokenize-long")
         self._long_tokenizer: Future = self._tok_pool.submit(_copy_or_none, self.tokenizer)
         self.shutdown_message: str | None = None   # set by cut_streams
-        self.live: set[asyncio.Queue] = set()   # output queues of requests being served (common.iterate)
+        self.live: set[asyncio.Queue] = set()   # output queues of requests being served (streaming.iterate)
         self._warned_fields: set[str] = set()
 
     def check_model(self, model: str | None) -> str:

@@ -15,9 +15,9 @@ from contextlib import aclosing
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tidal.server.common import (Prepared, SSEResponse, ServerContext, add_requests, check_fits, check_request,
-                                 first_output, iterate, logprob_value, new_id, sampling_params, sse, until_disconnect,
-                                 usage)
+from tidal.server.common import (Prepared, ServerContext, check_fits, check_request, logprob_value, new_id,
+                                 sampling_params, usage)
+from tidal.server.streaming import SSEResponse, add_requests, first_output, iterate, sse, until_disconnect
 from tidal.server.context import LONG_CHARS
 from tidal.server.errors import APIError, from_exception
 from tidal.server.protocol import CompletionRequest
