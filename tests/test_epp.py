@@ -16,8 +16,10 @@ import zmq
 from prometheus_client import generate_latest
 
 from tidal.fleet.epp import EndpointPicker, EPPConfig, RejectedError, RoutingRequest, load_config
-from tidal.fleet.epp.config import ConfigError, FlowControlConfig
+from tidal.fleet.epp.config import ConfigError, FlowControlConfig, SaturationConfig
 from tidal.fleet.epp.flow_control import FlowController
+from tidal.fleet.epp.plugins import SaturationFilter, ScoringContext, SpreadScorer
+from tidal.fleet.epp.pool import EndpointState
 from tidal.fleet.epp.prefix_index import PrefixIndex, block_hashes, prompt_token_ids
 from tidal.fleet.epp.request import Decision
 from tidal.kv.block_manager import hash_block
@@ -209,19 +211,53 @@ def test_a_burst_of_one_prefix_spreads_once_the_holder_saturates(tokenizer):
     async def main():
         fleet = Fleet(3)
         pubs = {a: Publisher() for a in fleet.addresses}
-        cfg = config(fleet, {a: p.endpoint for a, p in pubs.items()}, saturation={"queue_depth": 4})
+        cfg = config(fleet, {a: p.endpoint for a, p in pubs.items()},
+                     saturation={"queue_depth": 4, "warm_queue_depth": 8})
         async with EndpointPicker(cfg, tokenizer=tokenizer, client=fleet.client(), rng=random.Random(2)) as picker:
             first = await picker.pick(chat("Track parcel 77"))
             decisions = await asyncio.gather(*(picker.pick(chat("Track parcel 77")) for _ in range(31)))
             counts = Counter([first.endpoint] + [d.endpoint for d in decisions])
             assert sum(counts.values()) == 32 and len(counts) == 3, counts
             assert max(counts.values()) < 32 and min(counts.values()) >= 4, counts
-            # the speculative entries made the first replica win until it was saturated
-            assert [d.endpoint for d in decisions[:3]] == [first.endpoint] * 3
+            # the speculative entries made the first replica win until it was saturated (at the warm limit:
+            # it holds the prefix, so it takes more than a cold replica would)
+            assert [d.endpoint for d in decisions[:7]] == [first.endpoint] * 7
             assert any(d.queue_wait_s > 0 for d in decisions)
         for p in pubs.values():
             p.close()
     run(main())
+
+
+def test_a_warm_replica_is_saturated_only_at_the_warm_limits():
+    limits = SaturationConfig(queue_depth=5, kv_cache=0.8, warm_queue_depth=12, warm_kv_cache=0.95, warm_fraction=0.5)
+    busy = EndpointState("a:1", healthy=True, waiting=7, kv_usage=0.85)
+    ctx = ScoringContext(RoutingRequest(CHAT, {}, None), hashes=[1, 2, 3, 4], prefix_blocks={"a:1": 2})
+    assert SaturationFilter(limits)(ctx, [busy]) == [busy]          # holds half the prompt: still open
+    ctx.prefix_blocks = {"a:1": 1}
+    assert SaturationFilter(limits)(ctx, [busy]) == []              # a quarter: cold, full at 5 / 0.8
+    ctx.prefix_blocks = {"a:1": 4}
+    busy.waiting = 12
+    assert SaturationFilter(limits)(ctx, [busy]) == []              # even a warm replica fills up
+    busy.waiting, busy.kv_usage = 0, 0.96
+    assert SaturationFilter(limits)(ctx, [busy]) == []
+    # a warm limit set below the cold one counts as the cold one
+    low = SaturationConfig(queue_depth=5, warm_queue_depth=2)
+    busy.waiting, busy.kv_usage = 3, 0.0
+    assert SaturationFilter(low)(ctx, [busy]) == [busy]
+    with pytest.raises(ConfigError, match="warm_fraction"):
+        EPPConfig.from_dict({"saturation": {"warm_fraction": 0}})
+
+
+def test_a_new_prefix_goes_where_the_fewest_blocks_are_held():
+    limits = SaturationConfig()
+    eps = [EndpointState(a, healthy=True) for a in ("a:1", "b:1", "c:1")]
+    ctx = ScoringContext(RoutingRequest(CHAT, {}, None), hashes=[1, 2, 3, 4],
+                         held_blocks={"a:1": 300, "b:1": 150, "c:1": 0})
+    assert SpreadScorer(limits).score(ctx, eps) == {"a:1": 0.0, "b:1": 0.5, "c:1": 1.0}
+    ctx.prefix_blocks = {"a:1": 3}     # a holds this prompt: spreading must not pull it away
+    assert SpreadScorer(limits).score(ctx, eps) == {"a:1": 0.0, "b:1": 0.0, "c:1": 0.0}
+    ctx.prefix_blocks, ctx.held_blocks = {}, {}
+    assert SpreadScorer(limits).score(ctx, eps) == {"a:1": 1.0, "b:1": 1.0, "c:1": 1.0}
 
 
 def test_speculative_entries_expire_without_confirmation():

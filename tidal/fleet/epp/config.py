@@ -16,11 +16,14 @@ File shape (YAML or JSON; every key optional)::
     failure_threshold: 3            # consecutive failed polls before an endpoint leaves rotation
     tokenizer: smollm2              # model to tokenize with (default: the name /v1/models reports)
     role: null                      # only endpoints with this role (or "both"); null: any
-    prefix:   {block_size: 16, speculative_ttl_s: 2.0, lru_capacity_blocks: 65536}
-    scorers:  {prefix: 3, queue: 2, kv_cache: 1, running: 1, session: 2}   # weight 0 turns one off
+    prefix:   {block_size: 16, speculative_ttl_s: 30.0, lru_capacity_blocks: 65536}
+    scorers:  {prefix: 3, queue: 2, kv_cache: 1, running: 1, spread: 2, session: 2}   # weight 0: off
+                                    # (spread: a prefix no replica holds goes where the fewest blocks are)
     picker:   {type: max_score, tie_break: least_loaded}   # tie_break: or random; type: or round_robin
                                     # (round_robin: scores ignored, the next address in turn; a baseline)
-    saturation: {queue_depth: 5, kv_cache: 0.8}
+    saturation: {queue_depth: 5, kv_cache: 0.8,          # a replica cold for the request is full here
+                 warm_queue_depth: 12, warm_kv_cache: 0.95, warm_fraction: 0.5}
+                                    # ... one holding >= warm_fraction of the prompt's blocks only here
     flow_control: {enabled: true, max_queue: 1024, max_queue_per_band: 512, default_priority: 0,
                    queue_timeout_s: 30, bands: {critical: 10, standard: 0, sheddable: -10}}
     headers: {session: x-session-id, priority: x-gateway-priority, tenant: x-gateway-tenant,
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ROLES = ("prefill", "decode", "both")
-SCORERS = ("prefix", "queue", "kv_cache", "running", "session")
+SCORERS = ("prefix", "queue", "kv_cache", "running", "spread", "session")
 
 
 class ConfigError(ValueError):
@@ -58,7 +61,9 @@ class EndpointSpec:
 @dataclass
 class PrefixConfig:
     block_size: int = 16              # the replicas' --block-size
-    speculative_ttl_s: float = 2.0    # a routed request's blocks count as held this long unless events confirm
+    speculative_ttl_s: float = 30.0   # a routed request's blocks count as held this long (refreshed by each
+    #                                   routing) until the replica's BlockStored confirms or BlockRemoved drops
+    #                                   them; longer than a cold prefill behind a queue, or a group spreads
     lru_capacity_blocks: int = 65536  # approximate mode: blocks remembered per replica
 
 
@@ -72,6 +77,13 @@ class PickerConfig:
 class SaturationConfig:
     queue_depth: int = 5       # an endpoint with this many waiting (+ dispatched since its last poll) is saturated
     kv_cache: float = 0.8      # ... or with this KV-cache usage (0-1)
+    # A replica holding at least `warm_fraction` of the prompt's full blocks needs only a short prefill and
+    # few new blocks there, while a cold replica needs the whole prefill (2,048 tokens: seconds, stalling its
+    # batch) and evicts another prefix: for that request it is saturated only at these higher limits
+    # (never lower than the cold ones: a warm limit below its cold one counts as equal to it).
+    warm_queue_depth: int = 12
+    warm_kv_cache: float = 0.95
+    warm_fraction: float = 0.5
 
 
 @dataclass
@@ -103,7 +115,7 @@ class EPPConfig:
     role: str | None = None
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     scorers: dict[str, float] = field(default_factory=lambda: {"prefix": 3.0, "queue": 2.0, "kv_cache": 1.0,
-                                                                "running": 1.0, "session": 2.0})
+                                                                "running": 1.0, "spread": 2.0, "session": 2.0})
     picker: PickerConfig = field(default_factory=PickerConfig)
     saturation: SaturationConfig = field(default_factory=SaturationConfig)
     flow_control: FlowControlConfig = field(default_factory=FlowControlConfig)
@@ -132,6 +144,9 @@ class EPPConfig:
             raise ConfigError("picker.type must be max_score or round_robin")
         if self.prefix.block_size < 1 or self.prefix.speculative_ttl_s < 0 or self.prefix.lru_capacity_blocks < 1:
             raise ConfigError("prefix: block_size and lru_capacity_blocks must be >= 1, speculative_ttl_s >= 0")
+        sat = self.saturation
+        if not 0 < sat.warm_fraction <= 1:
+            raise ConfigError("saturation.warm_fraction must be in (0, 1]")
         fc = self.flow_control
         if fc.max_queue < 0 or fc.max_queue_per_band < 0 or fc.queue_timeout_s <= 0:
             raise ConfigError("flow_control: max_queue(_per_band) must be >= 0 and queue_timeout_s > 0")

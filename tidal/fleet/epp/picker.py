@@ -2,8 +2,10 @@
 
 Owns: `EndpointPicker`, which wires the pieces together and runs the pipeline for each request:
 tokenize the prompt (off the event loop, one worker thread) -> block hashes -> flow control
-(`FlowController.submit`) -> filters (health, role, model) -> saturation (hold in flow control while
-every candidate is saturated) -> prefix match -> weighted scorers -> `MaxScorePicker` ->
+(`FlowController.submit`) -> filters (health, role, model) -> prefix match -> saturation (prefix-aware:
+a replica holding most of the prompt is full only at the `warm_*` limits; hold in flow control while
+every candidate is saturated) -> weighted scorers (prefix, load, and `spread`, which places a prefix
+no candidate holds on the replica the index believes holds the fewest blocks) -> `MaxScorePicker` ->
 bookkeeping (in-flight count, speculative prefix entries, session map, metrics, a debug log of the
 decision and every scorer's scores). It starts and stops the metrics poller and the KV event feed,
 and loads the model's tokenizer when it is not given one (`tokenizer` config key, else the model
@@ -28,7 +30,7 @@ from tidal.fleet.epp.flow_control import FlowController
 from tidal.fleet.epp.metrics import EPPMetrics
 from tidal.fleet.epp.plugins import (HealthFilter, KVCacheScorer, MaxScorePicker, ModelFilter, PrefixCacheScorer,
                                      QueueScorer, RoleFilter, RoundRobinPicker, RunningScorer, SaturationFilter,
-                                     ScoringContext, SessionAffinityScorer)
+                                     ScoringContext, SessionAffinityScorer, SpreadScorer)
 from tidal.fleet.epp.pool import EndpointPool, EndpointState
 from tidal.fleet.epp.prefix_index import PrefixIndex, block_hashes, prompt_token_ids
 from tidal.fleet.epp.request import Decision, RejectedError, RoutingRequest
@@ -57,8 +59,12 @@ class EndpointPicker:
         self.session = SessionAffinityScorer()
         scorers = {name: cls() for name, cls in _SCORERS.items()}
         scorers["queue"] = QueueScorer(config.saturation.queue_depth)
+        scorers["spread"] = SpreadScorer(config.saturation)
         scorers["session"] = self.session
         self.scorers = [(scorers[name], w) for name, w in config.scorers.items() if w > 0]
+        # prefix weight 0 (e.g. the round-robin baseline): no prefix awareness anywhere, so saturation
+        # uses the cold limits and `spread` sees no held blocks
+        self._prefix_on = config.scorers.get("prefix", 0) > 0
         self.picker = (RoundRobinPicker() if config.picker.type == "round_robin"
                        else MaxScorePicker(config.picker.tie_break, rng))
         self.tokenizer = tokenizer
@@ -189,13 +195,14 @@ class EndpointPicker:
             raise RejectedError(503, f"no healthy replica can serve this request ({up} of {total} in rotation"
                                 f"{', role ' + self.config.role if self.config.role else ''}); retry shortly",
                                 code="no_healthy_endpoint")
+        if ctx.hashes and self._prefix_on:   # before saturation: a warm replica is full only at higher limits
+            ctx.prefix_blocks = self.index.match(ctx.hashes, [e.address for e in candidates])
+            ctx.held_blocks = {e.address: self.index.held_blocks(e.address) for e in candidates}
         ready = self.saturation(ctx, candidates)
         if not ready:
             if hold:
                 return None
             ready = candidates
-        if ctx.hashes:
-            ctx.prefix_blocks = self.index.match(ctx.hashes, [e.address for e in ready])
         scores: dict[str, dict[str, float]] = {e.address: {} for e in ready}
         totals = {e.address: 0.0 for e in ready}
         for scorer, weight in self.scorers:

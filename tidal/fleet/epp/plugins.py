@@ -1,8 +1,10 @@
 """The EPP's plug-ins: filters, scorers and the picker that the pipeline (picker.py) runs in order.
 
 Owns: `ScoringContext` (what the plug-ins know about one request), the filters (health, role,
-model, saturation), the scorers (each returns 0..1 per endpoint, 1 = best: prefix-cache hit
-fraction, queue depth, KV-cache utilisation, running requests, session affinity) and
+model, saturation: prefix-aware, a replica holding most of the prompt is full only at higher
+limits than a cold one), the scorers (each returns 0..1 per endpoint, 1 = best: prefix-cache hit
+fraction, queue depth, KV-cache utilisation, running requests, spread of new prefixes, session
+affinity) and
 `MaxScorePicker` (highest weighted sum; ties broken by least load or at random), and
 `RoundRobinPicker` (scores ignored: the baseline `picker: {type: round_robin}`). Load figures are
 the pool's last poll plus the requests dispatched since (`EndpointState.load`), so a burst sees
@@ -27,6 +29,7 @@ class ScoringContext:
     model: str | None = None
     hashes: list[int] = field(default_factory=list)          # the prompt's full-block hashes
     prefix_blocks: dict[str, int] = field(default_factory=dict)   # endpoint -> longest held prefix (blocks)
+    held_blocks: dict[str, int] = field(default_factory=dict)     # endpoint -> blocks the index says it holds
     session_id: str | None = None
 
 
@@ -75,19 +78,35 @@ class ModelFilter:
         return kept or endpoints
 
 
-def is_saturated(e: EndpointState, limits: SaturationConfig) -> bool:
+def is_warm(ctx: ScoringContext, e: EndpointState, limits: SaturationConfig) -> bool:
+    """Whether `e` holds at least `warm_fraction` of the prompt's full blocks (as a prefix)."""
+    n = len(ctx.hashes)
+    return n > 0 and ctx.prefix_blocks.get(e.address, 0) >= limits.warm_fraction * n
+
+
+def is_saturated(e: EndpointState, limits: SaturationConfig, warm: bool = False) -> bool:
+    if warm:
+        return (e.load >= max(limits.warm_queue_depth, limits.queue_depth)
+                or e.kv_usage >= max(limits.warm_kv_cache, limits.kv_cache))
     return e.load >= limits.queue_depth or e.kv_usage >= limits.kv_cache
 
 
 class SaturationFilter:
-    """Endpoints below both saturation thresholds (waiting + dispatched-since-poll, KV usage)."""
+    """Endpoints below the saturation thresholds (waiting + dispatched-since-poll, KV usage) *for this
+    request*: a replica warm for it (holding >= `warm_fraction` of its blocks; needs `ctx.prefix_blocks`,
+    so the picker matches the prefix first) is full only at `warm_queue_depth` / `warm_kv_cache`, a cold
+    one at `queue_depth` / `kv_cache`. The reasoning is expected time to first token: at a warm replica
+    a request costs a short prefill behind its queue; at a cold one, the whole prompt's prefill (with a
+    2,048-token prefix, seconds, and it stalls that replica's batch and evicts another prefix there), so
+    a little queueing at home is the cheaper wait. A same-prefix burst still spreads, once its holder
+    reaches the warm limits."""
     name = "saturation"
 
     def __init__(self, limits: SaturationConfig):
         self.limits = limits
 
     def __call__(self, ctx, endpoints):
-        return [e for e in endpoints if not is_saturated(e, self.limits)]
+        return [e for e in endpoints if not is_saturated(e, self.limits, is_warm(ctx, e, self.limits))]
 
 
 # ---- scorers ----------------------------------------------------------------------------------
@@ -137,6 +156,25 @@ class KVCacheScorer:
 
     def score(self, ctx, endpoints):
         return {e.address: min(max(1.0 - e.kv_usage, 0.0), 1.0) for e in endpoints}
+
+
+class SpreadScorer:
+    """Places a *new* prefix: when no candidate holds at least `warm_fraction` of the prompt, the ones
+    the prefix index believes hold the fewest blocks score highest (1 - held / most held), so new
+    prefixes (a new group, a new conversation) spread evenly over the fleet instead of piling onto
+    whichever replica's queue was momentarily short: each prefix placed becomes that replica's future
+    load (its group's later requests follow it) and takes cache room. 0 everywhere when some candidate
+    is warm, so it never pulls a request away from its prefix."""
+    name = "spread"
+
+    def __init__(self, limits: SaturationConfig | None = None):
+        self.limits = limits or SaturationConfig()
+
+    def score(self, ctx, endpoints):
+        if not ctx.hashes or any(is_warm(ctx, e, self.limits) for e in endpoints):
+            return {e.address: 0.0 for e in endpoints}
+        most = max((ctx.held_blocks.get(e.address, 0) for e in endpoints), default=0)
+        return {e.address: (1.0 - ctx.held_blocks.get(e.address, 0) / most if most else 1.0) for e in endpoints}
 
 
 class SessionAffinityScorer:

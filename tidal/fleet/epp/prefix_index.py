@@ -10,9 +10,12 @@ Owns:
 - `PrefixIndex`: per replica, the block hashes it holds, and `match` (longest cached prefix, in
   blocks, per replica). A replica is in one of two modes:
   *precise* (it publishes KV events): BlockStored adds, BlockRemoved removes, AllBlocksCleared
-  clears; a routed request's blocks are added *speculatively* with a TTL (`speculative_ttl_s`)
-  until the replica's own events confirm them, so a burst of same-prefix requests sees the
-  prefix where the first one went instead of stale data;
+  clears; a routed request's blocks are added *speculatively* with a TTL (`speculative_ttl_s`,
+  30 s by default, restarted by each request routed with them) until the replica's own events
+  confirm them (BlockStored) or drop them (BlockRemoved), so a burst of same-prefix requests sees
+  the prefix where the first one went instead of stale data. The TTL must outlast a cold prefill
+  behind a queue (a 2,048-token one takes seconds): when it ran out first (2 s), the group's next
+  requests found nothing held and spread over the fleet;
   *approximate* (no events): the blocks of requests routed there, remembered in an LRU bounded
   per replica (`lru_capacity_blocks`), refreshed when matched again.
 Must not: subscribe to sockets (kv_subscriber.py does and calls `apply_event`), poll replicas,
@@ -121,7 +124,7 @@ class _Replica:
 
 
 class PrefixIndex:
-    def __init__(self, block_size: int = 16, speculative_ttl_s: float = 2.0, lru_capacity_blocks: int = 65536,
+    def __init__(self, block_size: int = 16, speculative_ttl_s: float = 30.0, lru_capacity_blocks: int = 65536,
                  clock: Callable[[], float] = time.monotonic):
         self.block_size = block_size
         self.speculative_ttl_s = speculative_ttl_s
