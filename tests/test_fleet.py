@@ -413,7 +413,7 @@ def test_a_stream_is_retried_before_its_first_token(tmp_path):
     loop = Loop()
     gw = None
     try:
-        wait_healthy(pair)
+        wait_healthy(pair, timeout=120)   # two more replicas starting on a busy machine
         gw = gateway(loop, pair)
         retries = _envoy_stat(gw, "upstream_rq_retry")
         body = {"model": MODEL, "prompt": text(11, 150), "max_tokens": 5, "ignore_eos": True, "stream": True}
