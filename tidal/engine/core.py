@@ -43,11 +43,7 @@ class EngineCore(CoreBase):
         self.resolved = resolved = resolve_engine_config(config)
         self.runner = ModelRunner(resolved, verbose=verbose)
         ckpt = resolved.checkpoint
-        if config.tokenizer:
-            from transformers import AutoTokenizer
-            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-        else:
-            self.tokenizer = ckpt.load_tokenizer()
+        self.tokenizer = ckpt.load_tokenizer(config.tokenizer)
         # the sampling a request leaves unset, from the model's generation config (vLLM's rule)
         self.default_sampling, extra_eos = generation_defaults(config.model, ckpt.path, config.generation_config)
         self.eos_token_ids = eos_ids(self.tokenizer, ckpt.hf_config) | extra_eos

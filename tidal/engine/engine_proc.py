@@ -147,9 +147,6 @@ class ProcessAsyncEngine(EngineFrontend):
 
 
 def _load_tokenizer(config: EngineConfig):
-    """The same tokenizer the engine loads (LLMEngine's rule), for the server's tokenization."""
-    if config.tokenizer:
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(config.tokenizer)
+    """The same tokenizer the engine core loads, for the server's tokenization and detokenization."""
     from tidal.weights.loader import open_checkpoint
-    return open_checkpoint(config.model, require_weights=False).load_tokenizer()
+    return open_checkpoint(config.model, require_weights=False).load_tokenizer(config.tokenizer)

@@ -65,11 +65,7 @@ class SimulatedCore(CoreBase):
         self.config = config
         self.sim = sim = sim or SimConfig()
         ckpt = open_checkpoint(config.model, require_weights=False)
-        if config.tokenizer:
-            from transformers import AutoTokenizer
-            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-        else:
-            self.tokenizer = ckpt.load_tokenizer()
+        self.tokenizer = ckpt.load_tokenizer(config.tokenizer)
         hf = ckpt.hf_config
         model_len = getattr(hf, "max_position_embeddings", None) or 2048
         self.max_model_len = min(config.max_model_len or model_len, model_len)

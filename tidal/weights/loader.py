@@ -105,9 +105,14 @@ class Checkpoint:
             return quantized_dir.num_tensors(self._shards)
         return sum(len(names) for names in self._shards.values())
 
-    def load_tokenizer(self):
+    def load_tokenizer(self, override: str | None = None):
         """The tokenizer, with its chat template when the checkpoint has one: transformers' tokenizer, or
-        for a GGUF after `use_light_tokenizer(True)`, a light_tokenizer.LightTokenizer of the same directory."""
+        for a GGUF after `use_light_tokenizer(True)`, a light_tokenizer.LightTokenizer of the same directory.
+        `override`: a tokenizer directory or hub id (--tokenizer) to load instead."""
+        if override:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(override)
         if self.format == "gguf" and _light_tokenizer:
             from tidal.weights.light_tokenizer import LightTokenizer
 
