@@ -12,6 +12,8 @@ matmul kernels (QuantLinear does, per layer).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -64,6 +66,18 @@ def check_group_sizes(model: nn.Module, bits: int, group_size: int | None = 0) -
     return group_size
 
 
+@contextmanager
+def _one_thread():
+    """Small elementwise ops: on busy cores each OpenMP region stalls for milliseconds (SmolLM2 quantized
+    on 2 busy cores: 0.9 s on one thread, 5.8 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
                    scale_dtype: torch.dtype = torch.float16, dense_min_rows: int | None = None) -> dict[str, str]:
     """Replace the model's Linear/MergedLinear modules by QuantLinear; returns {module name: matmul path}.
@@ -75,11 +89,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
     group_size = check_group_sizes(model, bits, group_size)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     paths = {}
-    threads = torch.get_num_threads()
-    # one thread: these are small elementwise ops, and on busy cores each OpenMP region stalls for
-    # milliseconds (SmolLM2 on 2 busy cores: 0.9 s on one thread, 5.8 s on two)
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         for name, m in targets:
             qw = m.take_quantized()
             if qw is not None and (qw.bits, qw.group_size) != (bits, group_size or m.in_features):
@@ -93,8 +103,6 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
             paths[name] = q.path
-    finally:
-        torch.set_num_threads(threads)
     return paths
 
 
@@ -115,12 +123,8 @@ def quantize_head(model: nn.Module, bits: int = 4, group_size: int = 32,
         check_group_size(dim, group_size)
     except ValueError as e:
         raise TidalError(f"--quant-head int{bits}: {e}", param="quant_head") from None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # small elementwise ops (see quantize_model)
-    try:
+    with _one_thread():
         qw = quantize(head.weight.data, bits, group_size, scale_dtype)
-    finally:
-        torch.set_num_threads(threads)
     q = QuantLinear(qw, None if head.bias is None else head.bias.data)
     if q.path == "dequant":   # dequantizing the whole head every step would be slower than the float head
         raise TidalError(f"--quant-head int{bits}: no quantized kernel for the head on {head.weight.device}",
