@@ -30,7 +30,7 @@ class AsyncEngine(EngineFrontend):
     def __init__(self, core: EngineCore, start: bool = True):
         """core: an EngineCore (an LLMEngine's is taken from it)."""
         self.core = core = getattr(core, "core", core)
-        self._start_frontend(core.tokenizer, core.info(), getattr(getattr(core, "config", None), "seed", 0))
+        self._start_frontend(core.tokenizer, core.info(), core.config.seed)
         self._cond = threading.Condition()
         self._inbox: list[Command] = []
         self._stopping = False
@@ -63,7 +63,8 @@ class AsyncEngine(EngineFrontend):
 
     def _send(self, command: Command) -> bool:
         with self._cond:
-            if self._closed or not self._thread.is_alive() and self._thread.ident is not None:
+            died = self._thread.ident is not None and not self._thread.is_alive()   # started, then ended
+            if self._closed or died:
                 return False
             self._inbox.append(command)
             self._cond.notify()
