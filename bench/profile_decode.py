@@ -22,8 +22,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    _wait_for_cpu_kernels({"device": "cpu"})
     llm = LLM("smollm2", dtype=args.dtype, quant=args.quant, quant_head=args.quant_head)
-    _wait_for_cpu_kernels(llm.config)
     eng, runner = llm.engine, llm.engine.runner
     params = SamplingParams(temperature=0, max_tokens=args.steps + 60, ignore_eos=True)
     eng.add_request("r", None, params, prompt_token_ids=list(range(1000, 1512)))

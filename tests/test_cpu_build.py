@@ -174,8 +174,6 @@ def test_no_ninja_falls_back_with_one_line(tmp_path):
 
 
 def test_bench_refuses_to_time_the_torch_ops_unless_told(monkeypatch):
-    from types import SimpleNamespace
-
     from tidal import TidalError
     from tidal.bench import _wait_for_cpu_kernels
     from tidal.kernels import cpu
@@ -183,7 +181,7 @@ def test_bench_refuses_to_time_the_torch_ops_unless_told(monkeypatch):
     monkeypatch.setattr(cpu, "load", lambda *a, **k: calls.append(1))  # the build failed or timed out
     monkeypatch.setenv("TIDAL_CPU_KERNELS", "sync")
     with pytest.raises(TidalError, match="TIDAL_CPU_KERNELS=0"):
-        _wait_for_cpu_kernels(SimpleNamespace(torch_device="cpu"))
+        _wait_for_cpu_kernels({"device": "cpu"})
     monkeypatch.setenv("TIDAL_CPU_KERNELS", "0")
-    _wait_for_cpu_kernels(SimpleNamespace(torch_device="cpu"))
+    _wait_for_cpu_kernels({"device": "cpu"})
     assert len(calls) == 1

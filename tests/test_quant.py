@@ -9,7 +9,7 @@ import transformers
 from model_utils import all_logits, make_runner
 from tidal.errors import TidalError
 from tidal.model.layers.linear import Linear, MergedLinear
-from tidal.model.layers.quant_linear import QuantLinear, choose_path
+from tidal.model.layers.quant_linear import QuantLinear, fitting_paths
 from tidal.weights.loader import resolve_model_path
 from tidal.weights.quant import dequantize, from_gguf_q4_1, quantize
 from tidal.model.quantize import quantize_model
@@ -93,7 +93,7 @@ _PATHS = [(4, 64, "int4pack"), (4, 32, "int4pack"), (8, None, "int8pack"),
 def test_quant_linear_matches_dequantized_weights(bits, group_size, path, dtype):
     w, bias = _weight(), torch.randn(96) * 0.1
     qw = quantize(w, bits, group_size)
-    assert choose_path(qw, torch.device("cpu")) == path or path == "dequant"
+    assert path in fitting_paths(qw, torch.device("cpu"))
     layer = QuantLinear(qw, bias.to(dtype), out_sizes=[64, 32], path=path)
     x = torch.randn(2, 5, 192).to(dtype)
     want = x.float() @ dequantize(qw).T + bias.to(dtype).float()
@@ -152,7 +152,8 @@ def test_quantize_model_logits_near_fp32(tiny_reference, bits, group_size, dtype
     model = runner.model
     lm_head, embed = model.lm_head.weight, model.embed_tokens.weight
     paths = quantize_model(model, bits, group_size)
-    assert len(paths) == 2 * 4 and set(paths.values()) == {"int8pack" if bits == 8 else "int4pack"}
+    kernel = {8: "int8pack", 4: fitting_paths(quantize(_weight(), 4, group_size or 32), torch.device("cpu"))[0]}[bits]
+    assert len(paths) == 2 * 4 and set(paths.values()) == {kernel}
     qkv = model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, QuantLinear) and qkv.out_sizes == [64, 32, 32]
     assert qkv.group_size == (group_size or {4: 32, 8: 64}[bits])  # int8 default: one group per row (64)
@@ -180,11 +181,12 @@ def test_quantize_head_int4(tiny_reference):
     hf, prompts, ref = tiny_reference
     runner = make_runner(hf)
     head = runner.model.lm_head
-    assert not head.tied and quantize_head(runner.model) == "int4pack"
+    kernel = fitting_paths(quantize(_weight(), 4, 32), torch.device("cpu"))[0]   # int4vnni where built, else int4pack
+    assert not head.tied and quantize_head(runner.model) == kernel
     assert isinstance(head.quantized, QuantLinear) and head.weight.numel() == 0
     got = torch.cat(all_logits(runner, prompts))
     err, span = (got - ref).abs().max().item(), (ref.max() - ref.min()).item()
     assert 1e-4 * span < err <= 0.12 * span, (err, span)
-    assert quantize_head(runner.model) == "int4pack"   # twice is once
+    assert quantize_head(runner.model) == kernel   # twice is once
     with pytest.raises(TidalError, match="quant-head int4: group size 96"):
         quantize_head(make_runner(hf).model, 4, 96)

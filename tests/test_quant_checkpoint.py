@@ -29,10 +29,14 @@ def test_backend_picks_the_quantized_matmul(monkeypatch):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 64, generator=g)
     cpu = get_backend("cpu")
-    assert cpu.quant_linear_paths(quantize(w, 4, 32)) == ("int4pack",)
+    from tidal.kernels import cpu as cpu_kernels
+    ext = cpu_kernels.load()   # tidal's own int4 kernels come first where the build has AVX-512 VNNI
+    best = ("int4vnni",) if ext is not None and ext.int4_gemv_supported() else ()
+    assert cpu.quant_linear_paths(quantize(w, 4, 32)) == best + ("int4pack",)
+    assert cpu.quant_linear_paths(quantize(w, 4, 64)) == ("int4pack",)
     assert cpu.quant_linear_paths(quantize(w, 8, None)) == ("int8pack",)
     assert cpu.quant_linear_paths(quantize(w, 8, 32)) == ()
-    assert QuantLinear(quantize(w, 4, 32)).path == "int4pack"
+    assert QuantLinear(quantize(w, 4, 32)).path == (best + ("int4pack",))[0]
     # the layer only asks: a backend with no kernels gets the dequantize path, with the same result
     monkeypatch.setattr(type(cpu), "quant_linear_paths", lambda self, qw: ())
     layer = QuantLinear(quantize(w, 4, 32))

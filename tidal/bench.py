@@ -149,6 +149,7 @@ def run_throughput(args, engine_kwargs: dict) -> int:
     if not args.dataset:  # --policy auto plans for this workload's mean lengths, unless told otherwise
         engine_kwargs = {"prompt_len": round(sum(args.input_len) / 2), "gen_len": round(sum(args.output_len) / 2),
                          **engine_kwargs}
+    _wait_for_cpu_kernels(engine_kwargs)
     llm = LLM(**engine_kwargs)
     runner, cfg = llm.engine.runner, llm.config
     wl = workload_from_args(args, runner.vocab_size, llm.tokenizer)
@@ -160,7 +161,6 @@ def run_throughput(args, engine_kwargs: dict) -> int:
     schema = _bench_schema(args.json_schema)
     params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0,
                              structured_outputs={"json": schema} if schema else None) for n in wl.output_lens]
-    _wait_for_cpu_kernels(cfg)
     if args.warmup > 0:
         llm.generate([{"prompt_token_ids": list(range(MIN_TOKEN_ID, MIN_TOKEN_ID + 16))}] * args.warmup,
                      SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0), use_tqdm=False)
@@ -207,11 +207,14 @@ def _bench_schema(value: str | None) -> dict | None:
                          param="json_schema")
 
 
-def _wait_for_cpu_kernels(cfg) -> None:
+def _wait_for_cpu_kernels(engine_kwargs: dict) -> None:
     """Time the compiled CPU kernels, not the torch fallback the engine serves with while they build
     in the background (a cold first run would otherwise measure ~2.5x too slow, with the compiler
-    competing for the cores). cpu.load() says what it waits for, and gives up after a bound."""
-    if str(cfg.torch_device) != "cpu" or os.environ.get("TIDAL_CPU_KERNELS", "1") == "0":
+    competing for the cores). Called before the model is built: layers pick their kernels then
+    (kernels/quant_ops.py's int4 GEMV). cpu.load() says what it waits for, and gives up after a bound."""
+    from tidal.config import resolve_device
+    if resolve_device(engine_kwargs.get("device") or "auto").type != "cpu" \
+            or os.environ.get("TIDAL_CPU_KERNELS", "1") == "0":
         return  # =0: the user asked to time the torch ops
     from tidal.kernels import cpu
     if cpu.load() is None:

@@ -59,13 +59,13 @@ def _latency_args(p, add_engine_flags) -> None:
 
 def run_latency(args, engine_kwargs: dict) -> int:
     from tidal import LLM, SamplingParams
+    _wait_for_cpu_kernels(engine_kwargs)
     llm = LLM(**{"prompt_len": args.input_len, "gen_len": args.output_len, **engine_kwargs})
     engine, cfg = llm.engine, llm.config
     wl = latency_workload(args.input_len, args.output_len, args.num_iters, args.seed, engine.runner.vocab_size)
     if args.input_len + args.output_len > engine.max_model_len:
         raise TidalError(f"prompt + output = {args.input_len + args.output_len} tokens, more than the model's "
                          f"{engine.max_model_len}; lower --input-len / --output-len", param="input_len")
-    _wait_for_cpu_kernels(cfg)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
     ttfts, decode_s = [], []
     for i, prompt in enumerate(wl.prompts):   # the first one warms up and is not counted

@@ -26,6 +26,7 @@ from tidal.errors import TidalError
 from tidal.kernels import get_backend
 from tidal.kernels.metadata import forward_context
 from tidal.kv.quant_cache import allocate_kv_cache, kv_file
+from tidal.model.fused_decode import build_fused_decode
 from tidal.model.registry import build_model
 from tidal.sampling import Sampler, SamplingMetadata
 from tidal.structured.bitmask import GrammarBitmask, apply_bitmask
@@ -49,7 +50,7 @@ class ModelRunner:
         # where weights / KV live and how a step is micro-batched (resolved; engine/offload_runner.py runs it)
         self.policy, self.plan = resolved.policy, resolved.plan
         model_len, quant = resolved.model_max_position, resolved.quant
-        self.prefetcher = None
+        self.prefetcher = self.fused_decode = None
         if self.policy.offloads_weights:
             self.model, self.placement, self.prefetcher = build_offloaded_model(
                 self, self.policy, model_len, quant, verbose)
@@ -64,6 +65,7 @@ class ModelRunner:
             for module in self.model.modules():
                 if hasattr(module, "pack"):
                     module.pack(backend)
+            self.fused_decode = build_fused_decode(self.model)
         self.schedule = OffloadSchedule(self, resolved.num_micro_batches, self.prefetcher) \
             if self.policy.offloads_weights or resolved.num_micro_batches > 1 else None
         self.load_seconds = time.perf_counter() - t0
@@ -124,6 +126,8 @@ class ModelRunner:
     def forward(self, rows: list[Row]):
         """Build the flat batch, write its K/V into the cache, and return (hidden [T, H], batch layout)."""
         layout = prepare_batch(rows, self.block_size, self.device)
+        if self.fused_decode is not None and self.fused_decode.applies(layout.meta, self.kv_caches):
+            return self.fused_decode(layout.input_ids, layout.positions, layout.meta, self.kv_caches), layout
         with forward_context(layout.meta, self.kv_caches):
             hidden = self.model(layout.input_ids, layout.positions)
         return hidden, layout

@@ -2,6 +2,12 @@
 
 Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one into a kernel's layout
 (`pack`, an opaque tuple the caller keeps), and the matmul on that layout (`matmul`):
+- "int4vnni": tidal's own kernels (kernels/cpu/int4_linear.cpp) on weights/quant.py's layout as it is;
+  int4, group 32, in % 64 == 0, where the CPU kernels are built with AVX-512 VNNI. Up to GEMV_MAX_ROWS
+  rows (decode) the int4 GEMV reads the packed bytes; bigger batches (prefill) dequantize into a
+  scratch buffer shared by every layer and run the float GEMM, which beats every packed int4 kernel
+  at hundreds of rows. Chosen only when the kernels are loaded when the layer is built (a first run
+  that builds them in the background keeps "int4pack" for that process).
 - "int4pack": `_weight_int4pack_mm_for_cpu`; int4, group 32/64/128/256, out % 16 == 0.
 - "int8pack": `_weight_int8pack_mm`; int8 with one group per row.
 Both run in bf16: their fp32 code is 10-30x slower (scalar), so fp32 inputs are cast to bf16 and
@@ -12,17 +18,32 @@ Must not: pick a device (kernels/__init__.py's backends route CPU tensors here) 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from tidal.kernels import cpu as cpu_kernels
 
 _KERNEL_DTYPE = torch.bfloat16
 _int4pack_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 _INT4_GROUPS = (32, 64, 128, 256)
+GEMV_MAX_ROWS = 8   # int4vnni: batches up to this many rows take the GEMV, bigger ones dequantize + GEMM
+_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _vnni_kernels():
+    ext = cpu_kernels.ready()
+    return ext if ext is not None and ext.int4_gemv_supported() else None
 
 
 def cpu_paths(qw) -> tuple[str, ...]:
     """The packed-kernel paths that can run `qw` (a QuantizedWeight) on CPU, best first."""
     out_features, in_features = qw.shape
+    paths = ()
+    if qw.bits == 4 and qw.group_size == 32 and in_features % 64 == 0 and _vnni_kernels() is not None:
+        paths = ("int4vnni",)
     if qw.bits == 4 and qw.group_size in _INT4_GROUPS and out_features % 16 == 0:
-        return ("int4pack",)
+        return paths + ("int4pack",)
+    if paths:
+        return paths
     if qw.bits == 8 and qw.group_size == in_features:
         return ("int8pack",)
     return ()
@@ -30,6 +51,8 @@ def cpu_paths(qw) -> tuple[str, ...]:
 
 def pack(qw, path: str) -> tuple:
     out_features, in_features = qw.shape
+    if path == "int4vnni":
+        return _vnni_kernels(), qw.qdata.contiguous(), qw.scale.half().contiguous(), qw.min.half().contiguous()
     if path == "int4pack":
         q = qw.unpacked().reshape(out_features, in_features).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
@@ -48,6 +71,16 @@ def pack(qw, path: str) -> tuple:
 
 def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
     """x [rows, in] @ the packed weight's transpose -> [rows, out] in x's dtype (no bias)."""
+    if path == "int4vnni":
+        ext, q, scale, mn = packed
+        if x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+            return ext.int4_gemv(x.contiguous(), q, scale, mn)
+        numel = q.shape[0] * q.shape[1] * 2
+        buf = _scratch.get(x.dtype)
+        if buf is None or buf.numel() < numel:
+            buf = _scratch[x.dtype] = torch.empty(numel, dtype=x.dtype)
+        w = ext.int4_dequant(q, scale, mn, buf[:numel].view(q.shape[0], -1))
+        return F.linear(x, w)
     if path == "int4pack":
         weight, scales_and_zeros, group_size = packed
         if x.dtype == _KERNEL_DTYPE:   # the bf16 model's case: no casts (each costs a dispatch at decode)

@@ -28,9 +28,19 @@ def ready():
 
 def load_in_background() -> None:
     """Serve with the torch ops while a builder compiles; a daemon thread loads the kernels once it is
-    done (fast), so a cold `tidal chat` does not wait for the compiler."""
+    done (fast), so a cold `tidal chat` does not wait for the compiler. A finished build is loaded
+    right here (no compiler involved, ~0.1 s), so the model built next can pick kernels that exist
+    only in the extension (quant_ops' int4 GEMV)."""
     global _background
     from tidal.kernels.cpu import build
+    if os.environ.get("TIDAL_CPU_KERNELS", "1") != "0" and not _settled and _background is None:
+        try:
+            done = build.built(build.build_dir())
+        except OSError:
+            done = None
+        if done:
+            _load(60, False)
+            return
     with _state:
         if _settled or _background is not None:
             return

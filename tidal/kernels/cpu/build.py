@@ -25,8 +25,10 @@ from tidal.kernels.cpu import build_lock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # paged_decode_quant.cpp registers torch.ops.tidal_kv.paged_decode_quant (quantized KV caches);
-# fused_ops.cpp: SiLU-and-mul, rotary; rms_norm.cpp: RMSNorm+residual (all bound in paged_decode.cpp)
-SOURCES = ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp", "rms_norm.cpp", "prefill_bf16.cpp")
+# fused_ops.cpp: SiLU-and-mul, rotary; rms_norm.cpp: RMSNorm+residual; int4_linear.cpp: int4 GEMV and
+# dequantize; decode_stack.cpp: a decoder stack's decode step (all bound in paged_decode.cpp)
+SOURCES = ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp", "rms_norm.cpp", "prefill_bf16.cpp",
+           "int4_linear.cpp", "decode_stack.cpp")
 HEADERS = ("fused_ops.h", "cpu_common.h", "avx512_common.h")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]

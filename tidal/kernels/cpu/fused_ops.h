@@ -7,3 +7,12 @@ torch::Tensor silu_and_mul(torch::Tensor gu);
 void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions);
 torch::Tensor prefill_attention_bf16(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, int64_t seq_len, double scale);
+// int4_linear.cpp: group-wise int4 weights (weights/quant.py's layout) straight from their packed bytes
+bool int4_gemv_supported();
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m);
+torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, torch::Tensor out);
+// paged_decode.cpp
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+// decode_stack.cpp: a decoder stack's decode step in one call
+void bind_decode_stack(pybind11::module& m);

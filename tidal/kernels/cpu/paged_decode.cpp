@@ -233,4 +233,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one sequence's causal prefill over a bf16 paged cache, or None where unsupported (prefill_bf16.cpp)");
   m.def("silu_and_mul", &silu_and_mul, "[rows, 2I] -> silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate q and k in place (NeoX layout) at positions");
+  m.def("int4_gemv_supported", &int4_gemv_supported, "whether int4_gemv has its AVX-512 VNNI path here");
+  m.def("int4_gemv", &int4_gemv, "x [rows, in] @ int4 weight.T, weights read packed (int4_linear.cpp)");
+  m.def("int4_dequant", &int4_dequant, "int4 weight -> float weight into out (int4_linear.cpp)");
+  bind_decode_stack(m);
 }

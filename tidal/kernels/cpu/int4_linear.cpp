@@ -1,0 +1,183 @@
+// Group-wise int4 weights read straight from weights/quant.py's layout: groups of 32 along the input,
+// byte j of a group holds value j (low nibble) and value j + 16 (high nibble), fp16 scale and min per
+// group, w = scale * q + min (GGUF Q4_1's layout, so a Q4_1 file's blocks are used as they are).
+//  - int4_gemv, for a few rows (decode): each activation row is quantized to int8 per group of 32
+//    (symmetric, like llama.cpp's Q8 blocks), and 64 weights at a time are multiplied with AVX-512 VNNI
+//    (vpdpbusd: unsigned 4-bit weight x signed 8-bit activation, int32 sums). The min term,
+//    min . sum(x) over each group, uses the fp32 activations. One parallel region per call, over rows.
+//  - int4_dequant, for prefill-sized batches: the float weight into a caller's buffer, for a GEMM.
+// int4_gemv_supported() says whether this build has the VNNI path (-march=native decides).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+#include "fused_ops.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define TIDAL_VNNI 1
+#include <immintrin.h>
+#endif
+
+namespace {
+constexpr int64_t G = 32;          // values per group
+constexpr int64_t MAX_GROUPS = 512;  // K <= 16384
+
+void check_weight(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& m) {
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.is_contiguous(), "int4 weight: uint8 [out, in/2]");
+  TORCH_CHECK(s.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && s.is_contiguous() && m.is_contiguous(),
+              "int4 weight: fp16 contiguous scale and min");
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  TORCH_CHECK(s.numel() == N * (K / G) && m.numel() == N * (K / G), "int4 weight: group size must be 32");
+}
+
+#ifdef TIDAL_VNNI
+// Activation rows quantized per group of 32; each 64-value chunk (groups 2c, 2c+1 = A, B) is stored in the
+// order the weight bytes unpack to: A0-15, B0-15, A16-31, B16-31.
+struct Acts {
+  std::vector<int8_t> q;    // [M, K]
+  std::vector<float> d;     // [M, K/G]: the int8 step
+  std::vector<float> sum;   // [M, K/G]: the fp32 sum of the group, for the min term
+};
+
+template <typename T>
+void quantize_acts(const T* x, int64_t M, int64_t K, Acts& a) {
+  const int64_t NG = K / G;
+  a.q.resize(M * K);
+  a.d.resize(M * NG);
+  a.sum.resize(M * NG);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < NG; ++g) {
+      float v[G], amax = 0.f, s = 0.f;
+      for (int64_t i = 0; i < G; ++i) {
+        v[i] = static_cast<float>(x[r * K + g * G + i]);
+        amax = std::max(amax, std::fabs(v[i]));
+        s += v[i];
+      }
+      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      a.d[r * NG + g] = d;
+      a.sum[r * NG + g] = s;
+      int8_t* dst = a.q.data() + r * K + (g / 2) * 64 + (g % 2) * 16;
+      for (int64_t i = 0; i < 16; ++i) {
+        dst[i] = static_cast<int8_t>(std::nearbyint(v[i] * id));
+        dst[32 + i] = static_cast<int8_t>(std::nearbyint(v[16 + i] * id));
+      }
+    }
+}
+
+inline __mmask16 tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1); }
+
+// y[r, n] for MB activation rows starting at r0 and weight rows [n0, n1)
+template <int MB, typename TO>
+void gemv_block(const uint8_t* qw, const at::Half* ws, const at::Half* wm, const Acts& a, int64_t r0, int64_t K,
+                int64_t N, int64_t n0, int64_t n1, TO* y) {
+  const int64_t NG = K / G, NC = K / 64;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+  alignas(64) float comb[MB][MAX_GROUPS];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = qw + n * (K / 2);
+    __m512 acc[MB];
+    for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
+    // per group: the combined scale (weight scale x activation step), and the min term min * sum(x)
+    for (int64_t g = 0; g < NG; g += 16) {
+      const __mmask16 k = tail(NG - g);
+      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + n * NG + g));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + n * NG + g));
+      for (int r = 0; r < MB; ++r) {
+        const int64_t o = (r0 + r) * NG + g;
+        _mm512_store_ps(comb[r] + g, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, a.d.data() + o)));
+        acc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, a.sum.data() + o), acc[r]);
+      }
+    }
+    for (int64_t c = 0; c < NC; ++c) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + c * 32));
+      const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      for (int r = 0; r < MB; ++r) {
+        const __m512i xq = _mm512_loadu_si512(a.q.data() + (r0 + r) * K + c * 64);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
+        const __m512 pair = _mm512_castps128_ps512(
+            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(comb[r] + 2 * c))));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, pair), acc[r]);
+      }
+    }
+    for (int r = 0; r < MB; ++r) y[(r0 + r) * N + n] = static_cast<TO>(_mm512_reduce_add_ps(acc[r]));
+  }
+}
+
+template <typename TO>
+void gemv_rows(const uint8_t* qw, const at::Half* ws, const at::Half* wm, const Acts& a, int64_t M, int64_t K,
+               int64_t N, int64_t n0, int64_t n1, TO* y) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) gemv_block<4>(qw, ws, wm, a, r, K, N, n0, n1, y);
+  switch (M - r) {
+    case 3: gemv_block<3>(qw, ws, wm, a, r, K, N, n0, n1, y); break;
+    case 2: gemv_block<2>(qw, ws, wm, a, r, K, N, n0, n1, y); break;
+    case 1: gemv_block<1>(qw, ws, wm, a, r, K, N, n0, n1, y); break;
+    default: break;
+  }
+}
+#endif
+}  // namespace
+
+bool int4_gemv_supported() {
+#ifdef TIDAL_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+// x [M, in] (fp32 or bf16) times the int4 weight's transpose -> [M, out] in x's dtype
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m) {
+  check_weight(q, s, m);
+  const int64_t N = q.size(0), K = q.size(1) * 2;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "int4_gemv: x must be contiguous [rows, ", K, "]");
+  TORCH_CHECK(K % 64 == 0 && K / G <= MAX_GROUPS, "int4_gemv: the input size must be a multiple of 64, at most ",
+              MAX_GROUPS * G);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_gemv: fp32 or bf16 input");
+#ifdef TIDAL_VNNI
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  Acts a;
+  if (x.scalar_type() == at::kFloat) quantize_acts(x.data_ptr<float>(), M, K, a);
+  else quantize_acts(x.data_ptr<at::BFloat16>(), M, K, a);
+  const uint8_t* qw = q.data_ptr<uint8_t>();
+  const at::Half* ws = s.data_ptr<at::Half>();
+  const at::Half* wm = m.data_ptr<at::Half>();
+  const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (x.scalar_type() == at::kFloat) gemv_rows(qw, ws, wm, a, M, K, N, n0, n1, y.data_ptr<float>());
+    else gemv_rows(qw, ws, wm, a, M, K, N, n0, n1, y.data_ptr<at::BFloat16>());
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "int4_gemv: this build has no AVX-512 VNNI (check int4_gemv_supported())");
+#endif
+}
+
+// the float weight [out, in] (out's dtype: fp32 or bf16) from the int4 layout; returns out
+torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, torch::Tensor out) {
+  check_weight(q, s, m);
+  const int64_t N = q.size(0), K = q.size(1) * 2, NG = K / G;
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * K, "int4_dequant: out must be contiguous with ", N * K, " values");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "int4_dequant", [&] {
+    const uint8_t* qw = q.data_ptr<uint8_t>();
+    const at::Half* ws = s.data_ptr<at::Half>();
+    const at::Half* wm = m.data_ptr<at::Half>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t g = 0; g < NG; ++g) {
+          const float sc = static_cast<float>(ws[n * NG + g]), mn = static_cast<float>(wm[n * NG + g]);
+          const uint8_t* b = qw + n * (K / 2) + g * (G / 2);
+          scalar_t* og = o + n * K + g * G;
+          for (int64_t j = 0; j < G / 2; ++j) {
+            og[j] = static_cast<scalar_t>(sc * static_cast<float>(b[j] & 15) + mn);
+            og[j + G / 2] = static_cast<scalar_t>(sc * static_cast<float>(b[j] >> 4) + mn);
+          }
+        }
+    });
+  });
+  return out;
+}
