@@ -21,6 +21,7 @@
 namespace {
 constexpr int64_t G = 32;          // values per group
 constexpr int64_t MAX_GROUPS = 512;  // K <= 16384
+constexpr int64_t PREFETCH_TILES = 4;
 
 void check_weight(const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& m) {
   TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.is_contiguous(), "int4 weight: uint8 [out, in/2]");
@@ -66,56 +67,80 @@ void quantize_acts(const T* x, int64_t M, int64_t K, Acts& a) {
 
 inline __mmask16 tail(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1); }
 
-// y[r, n] for MB activation rows starting at r0 and weight rows [n0, n1)
-template <int MB, typename TO>
-void gemv_block(const uint8_t* qw, const at::Half* ws, const at::Half* wm, const Acts& a, int64_t r0, int64_t K,
-                int64_t N, int64_t n0, int64_t n1, TO* y) {
-  const int64_t NG = K / G, NC = K / 64;
+// y[r, n] for MB activation rows from r0 and NR weight rows from n: NR x MB independent accumulators, so
+// the FMA chains overlap and each activation chunk is loaded once for NR rows
+template <int MB, int NR, typename TO>
+inline void gemv_tile(const uint8_t* qw, const at::Half* ws, const at::Half* wm, const Acts& a, int64_t r0, int64_t K,
+                      int64_t N, int64_t n, TO* y) {
+  const int64_t NG = K / G, NC = K / 64, NGP = (NG + 15) / 16 * 16;
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-  alignas(64) float comb[MB][MAX_GROUPS];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qr = qw + n * (K / 2);
-    __m512 acc[MB];
-    for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
-    // per group: the combined scale (weight scale x activation step), and the min term min * sum(x)
+  alignas(64) float comb[NR * MB * (MAX_GROUPS + 16)];
+  __m512 acc[NR][MB];
+  // per group: the combined scale (weight scale x activation step), and the min term min * sum(x)
+  for (int j = 0; j < NR; ++j) {
+    for (int r = 0; r < MB; ++r) acc[j][r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < NG; g += 16) {
       const __mmask16 k = tail(NG - g);
-      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + n * NG + g));
-      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + n * NG + g));
+      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + (n + j) * NG + g));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, wm + (n + j) * NG + g));
       for (int r = 0; r < MB; ++r) {
         const int64_t o = (r0 + r) * NG + g;
-        _mm512_store_ps(comb[r] + g, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, a.d.data() + o)));
-        acc[r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, a.sum.data() + o), acc[r]);
+        _mm512_store_ps(comb + (j * MB + r) * NGP + g, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, a.d.data() + o)));
+        acc[j][r] = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, a.sum.data() + o), acc[j][r]);
       }
     }
-    for (int64_t c = 0; c < NC; ++c) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + c * 32));
+  }
+  // the weight stream runs ahead of the compute: prefetch PREFETCH_TILES tiles on, two lines a chunk
+  const char* ahead = reinterpret_cast<const char*>(qw + (n + NR * PREFETCH_TILES) * (K / 2));
+  const char* end = reinterpret_cast<const char*>(qw + N * (K / 2));
+  const int64_t tile_bytes = NR * (K / 2), step = (tile_bytes + NC - 1) / NC;
+  for (int64_t c = 0; c < NC; ++c) {
+    if (ahead + c * step < end) {
+      _mm_prefetch(ahead + c * step, _MM_HINT_T0);
+      _mm_prefetch(ahead + c * step + 64, _MM_HINT_T0);
+    }
+    __m512i w[NR];
+    for (int j = 0; j < NR; ++j) {
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (n + j) * (K / 2) + c * 32));
       const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
-      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      for (int r = 0; r < MB; ++r) {
-        const __m512i xq = _mm512_loadu_si512(a.q.data() + (r0 + r) * K + c * 64);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
+      w[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    for (int r = 0; r < MB; ++r) {
+      const __m512i xq = _mm512_loadu_si512(a.q.data() + (r0 + r) * K + c * 64);
+      for (int j = 0; j < NR; ++j) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[j], xq);
         const __m512 pair = _mm512_castps128_ps512(
-            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(comb[r] + 2 * c))));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, pair), acc[r]);
+            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(comb + (j * MB + r) * NGP + 2 * c))));
+        acc[j][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, pair), acc[j][r]);
       }
     }
-    for (int r = 0; r < MB; ++r) y[(r0 + r) * N + n] = static_cast<TO>(_mm512_reduce_add_ps(acc[r]));
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < MB; ++r) y[(r0 + r) * N + n + j] = static_cast<TO>(_mm512_reduce_add_ps(acc[j][r]));
+}
+
+// every activation row against NR weight rows from n (the tile stays in L1 while it is reused)
+template <int NR, typename TO>
+inline void gemv_rows_tile(const uint8_t* qw, const at::Half* ws, const at::Half* wm, const Acts& a, int64_t M,
+                           int64_t K, int64_t N, int64_t n, TO* y) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) gemv_tile<4, NR>(qw, ws, wm, a, r, K, N, n, y);
+  switch (M - r) {
+    case 3: gemv_tile<3, NR>(qw, ws, wm, a, r, K, N, n, y); break;
+    case 2: gemv_tile<2, NR>(qw, ws, wm, a, r, K, N, n, y); break;
+    case 1: gemv_tile<1, NR>(qw, ws, wm, a, r, K, N, n, y); break;
+    default: break;
   }
 }
 
 template <typename TO>
 void gemv_rows(const uint8_t* qw, const at::Half* ws, const at::Half* wm, const Acts& a, int64_t M, int64_t K,
                int64_t N, int64_t n0, int64_t n1, TO* y) {
-  int64_t r = 0;
-  for (; r + 4 <= M; r += 4) gemv_block<4>(qw, ws, wm, a, r, K, N, n0, n1, y);
-  switch (M - r) {
-    case 3: gemv_block<3>(qw, ws, wm, a, r, K, N, n0, n1, y); break;
-    case 2: gemv_block<2>(qw, ws, wm, a, r, K, N, n0, n1, y); break;
-    case 1: gemv_block<1>(qw, ws, wm, a, r, K, N, n0, n1, y); break;
-    default: break;
-  }
+  int64_t n = n0;
+  if (M <= 2)   // with more activation rows, 4 x M accumulators no longer fit the registers
+    for (; n + 4 <= n1; n += 4) gemv_rows_tile<4>(qw, ws, wm, a, M, K, N, n, y);
+  for (; n < n1; ++n) gemv_rows_tile<1>(qw, ws, wm, a, M, K, N, n, y);
 }
 #endif
 }  // namespace
