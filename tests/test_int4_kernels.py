@@ -93,7 +93,8 @@ def test_quant_linear_int4vnni_paths(ext):
 
 def _tiny(arch):
     torch.manual_seed(0)
-    kw = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    # llama: head_dim 64, the attention kernel's split (per-thread units) path; qwen2: head_dim 32, one thread
+    kw = dict(vocab_size=128, hidden_size=256 if arch == "llama" else 128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
     cfg = transformers.LlamaConfig(**kw) if arch == "llama" else transformers.Qwen2Config(**kw)
     cfg.architectures = ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"]

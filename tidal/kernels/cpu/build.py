@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # dequantize; decode_stack.cpp: a decoder stack's decode step (all bound in paged_decode.cpp)
 SOURCES = ("paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp", "rms_norm.cpp", "prefill_bf16.cpp",
            "int4_linear.cpp", "decode_stack.cpp")
-HEADERS = ("fused_ops.h", "cpu_common.h", "avx512_common.h")
+HEADERS = ("fused_ops.h", "cpu_common.h", "avx512_common.h", "int4_linear.h")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
 LOG, BUILT, FAILED = "builder.log", "built", "build-failed"

@@ -1,12 +1,16 @@
 // A Llama-family decoder stack's decode step (every row one sequence's one new token) as one C++ call:
 // per layer RMSNorm, fused QKV (int4 GEMV, optional bias), rotary, K/V into the paged cache, paged decode
 // attention, O projection, RMSNorm, gate-up, SiLU-and-mul, down; the final norm after the last layer.
-// It calls the same kernels the Python layers call for these shapes (rms_norm.cpp, int4_linear.cpp,
+// It runs the same kernel code the Python layers call for these shapes (rms_norm.cpp, int4_linear.cpp,
 // fused_ops.cpp, paged_decode.cpp), in the same order, so its output equals the layer-by-layer path
-// bit for bit; what it removes is ~40 Python-level calls per layer. model/fused_decode.py builds it.
+// bit for bit; what it removes is ~40 Python-level calls and ~5 OpenMP fork/joins per layer: the whole
+// step is one parallel region. model/fused_decode.py builds it.
 #include <torch/extension.h>
+#include <exception>
 #include <vector>
+#include <omp.h>
 #include "fused_ops.h"
+#include "int4_linear.h"
 
 namespace {
 struct Int4W {
@@ -41,28 +45,89 @@ class DecodeStack {
                         const std::vector<torch::Tensor>& v_caches, torch::Tensor slot_mapping,
                         torch::Tensor block_tables, torch::Tensor seq_lens) {
     TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one K and V cache per layer");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "DecodeStack: x must be contiguous fp32 or bf16 [rows, hidden]");
+#ifdef TIDAL_VNNI
     const int64_t rows = x.size(0), q_size = H_ * D_, kv_size = KVH_ * D_;
-    torch::Tensor residual = x;
-    torch::Tensor h = add_rms_norm(x, c10::nullopt, layers_[0].ln1, eps_);
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      const Layer& L = layers_[i];
-      if (i > 0) h = add_rms_norm(x, residual, L.ln1, eps_);
-      torch::Tensor qkv = L.qkv.gemv(h);
-      if (L.qkv_bias.has_value()) qkv = qkv + L.qkv_bias->to(qkv.scalar_type());
-      auto q = qkv.narrow(1, 0, q_size).view({rows, H_, D_});
-      auto k = qkv.narrow(1, q_size, kv_size).view({rows, KVH_, D_});
-      auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, KVH_, D_});
-      rotary_(q, k, cos_, sin_, positions);
-      const auto& kc = k_caches[i];
-      const auto& vc = v_caches[i];
-      kc.view({-1, KVH_, D_}).index_copy_(0, slot_mapping, k.to(kc.scalar_type()));
-      vc.view({-1, KVH_, D_}).index_copy_(0, slot_mapping, v.to(vc.scalar_type()));
-      auto attn = paged_decode_attention(q, kc, vc, block_tables, seq_lens, scale_);
-      auto o = L.o.gemv(attn.reshape({rows, q_size}));
-      h = add_rms_norm(o, residual, L.ln2, eps_);
-      x = L.down.gemv(silu_and_mul(L.gate_up.gemv(h)));
+    auto tables = block_tables.to(torch::kInt64).contiguous();
+    auto lens = seq_lens.to(torch::kInt64).contiguous();
+    auto opts = x.options();
+    auto qkv = torch::empty({rows, layers_[0].qkv.q.size(0)}, opts);
+    auto attn = torch::empty({rows, H_, D_}, opts);
+    auto o = torch::empty({rows, layers_[0].o.q.size(0)}, opts);
+    auto gu = torch::empty({rows, layers_[0].gate_up.q.size(0)}, opts);
+    auto y = torch::empty({rows, layers_[0].down.q.size(0)}, opts);
+    const bool split_attention = paged_decode_range_supported(attn, k_caches[0], v_caches[0]);
+    std::exception_ptr error;   // a throw inside the region must not cross it: kept, rethrown after
+    auto guarded = [&error](auto&& f) {
+      try {
+        f();
+      } catch (...) {
+        if (!error) error = std::current_exception();
+      }
+    };
+    torch::Tensor residual = x, q3;
+    Int4Acts acts;
+    const int64_t units = rows * KVH_;
+    // One parallel region for the whole step (a fork/join costs several us; a step had ~150 of them):
+    // the matmuls and the attention are split by rows / (sequence, KV head) per thread, the small ops
+    // run on one thread between barriers. Each output element is computed by the same code as in the
+    // per-op kernels, so the result does not depend on the split.
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      auto lo = [&](int64_t n) { return n * tid / nt; };
+      auto hi = [&](int64_t n) { return n * (tid + 1) / nt; };
+      auto gemv = [&](const Int4W& w, torch::Tensor& out) {
+        const int64_t n = w.q.size(0);
+        int4_gemv_range(acts, w.q, w.s, w.m, out, lo(n), hi(n));
+      };
+      for (size_t i = 0; i < layers_.size(); ++i) {
+        const Layer& L = layers_[i];
+#pragma omp single
+        guarded([&] {
+          int4_quantize_acts(i == 0 ? add_rms_norm(x, c10::nullopt, L.ln1, eps_) : add_rms_norm(y, residual, L.ln1, eps_),
+                             acts);
+        });
+        gemv(L.qkv, qkv);
+#pragma omp barrier
+#pragma omp single
+        guarded([&] {
+          torch::Tensor t = L.qkv_bias.has_value() ? qkv + L.qkv_bias->to(qkv.scalar_type()) : qkv;
+          auto q = t.narrow(1, 0, q_size).view({rows, H_, D_});
+          auto k = t.narrow(1, q_size, kv_size).view({rows, KVH_, D_});
+          auto v = t.narrow(1, q_size + kv_size, kv_size).view({rows, KVH_, D_});
+          rotary_(q, k, cos_, sin_, positions);
+          const auto& kc = k_caches[i];
+          const auto& vc = v_caches[i];
+          kc.view({-1, KVH_, D_}).index_copy_(0, slot_mapping, k.to(kc.scalar_type()));
+          vc.view({-1, KVH_, D_}).index_copy_(0, slot_mapping, v.to(vc.scalar_type()));
+          if (split_attention) q3 = q.contiguous();
+          else attn = paged_decode_attention(q, kc, vc, block_tables, seq_lens, scale_);
+        });
+        if (split_attention) {
+          paged_decode_attention_range(q3, k_caches[i], v_caches[i], tables, lens, attn, scale_, lo(units), hi(units));
+#pragma omp barrier
+        }
+#pragma omp single
+        guarded([&] { int4_quantize_acts(attn.view({rows, q_size}), acts); });
+        gemv(L.o, o);
+#pragma omp barrier
+#pragma omp single
+        guarded([&] { int4_quantize_acts(add_rms_norm(o, residual, L.ln2, eps_), acts); });
+        gemv(L.gate_up, gu);
+#pragma omp barrier
+#pragma omp single
+        guarded([&] { int4_quantize_acts(silu_and_mul(gu), acts); });
+        gemv(L.down, y);
+#pragma omp barrier
+      }
     }
-    return add_rms_norm(x, residual, norm_, eps_);
+    if (error) std::rethrow_exception(error);
+    return add_rms_norm(y, residual, norm_, eps_);
+#else
+    TORCH_CHECK(false, "DecodeStack needs AVX-512 VNNI (int4_gemv_supported())");
+#endif
   }
 
  private:

@@ -14,5 +14,9 @@ torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, to
 // paged_decode.cpp
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale);
+bool paged_decode_range_supported(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache);
+void paged_decode_attention_range(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                  const torch::Tensor& tables, const torch::Tensor& lens, torch::Tensor& out,
+                                  double scale, int64_t begin, int64_t end);
 // decode_stack.cpp: a decoder stack's decode step in one call
 void bind_decode_stack(pybind11::module& m);

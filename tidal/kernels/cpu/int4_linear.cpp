@@ -12,9 +12,9 @@
 #include <cmath>
 #include <vector>
 #include "fused_ops.h"
+#include "int4_linear.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define TIDAL_VNNI 1
+#ifdef TIDAL_VNNI
 #include <immintrin.h>
 #endif
 
@@ -34,15 +34,13 @@ void check_weight(const torch::Tensor& q, const torch::Tensor& s, const torch::T
 #ifdef TIDAL_VNNI
 // Activation rows quantized per group of 32; each 64-value chunk (groups 2c, 2c+1 = A, B) is stored in the
 // order the weight bytes unpack to: A0-15, B0-15, A16-31, B16-31.
-struct Acts {
-  std::vector<int8_t> q;    // [M, K]
-  std::vector<float> d;     // [M, K/G]: the int8 step
-  std::vector<float> sum;   // [M, K/G]: the fp32 sum of the group, for the min term
-};
+using Acts = Int4Acts;
 
 template <typename T>
 void quantize_acts(const T* x, int64_t M, int64_t K, Acts& a) {
   const int64_t NG = K / G;
+  a.M = M;
+  a.K = K;
   a.q.resize(M * K);
   a.d.resize(M * NG);
   a.sum.resize(M * NG);
@@ -145,6 +143,23 @@ void gemv_rows(const uint8_t* qw, const at::Half* ws, const at::Half* wm, const 
 #endif
 }  // namespace
 
+#ifdef TIDAL_VNNI
+void int4_quantize_acts(const torch::Tensor& x, Int4Acts& a) {
+  if (x.scalar_type() == at::kFloat) quantize_acts(x.data_ptr<float>(), x.size(0), x.size(1), a);
+  else quantize_acts(x.data_ptr<at::BFloat16>(), x.size(0), x.size(1), a);
+}
+
+void int4_gemv_range(const Int4Acts& a, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& m,
+                     torch::Tensor& y, int64_t n0, int64_t n1) {
+  const uint8_t* qw = q.data_ptr<uint8_t>();
+  const at::Half* ws = s.data_ptr<at::Half>();
+  const at::Half* wm = m.data_ptr<at::Half>();
+  const int64_t N = q.size(0);
+  if (y.scalar_type() == at::kFloat) gemv_rows(qw, ws, wm, a, a.M, a.K, N, n0, n1, y.data_ptr<float>());
+  else gemv_rows(qw, ws, wm, a, a.M, a.K, N, n0, n1, y.data_ptr<at::BFloat16>());
+}
+#endif
+
 bool int4_gemv_supported() {
 #ifdef TIDAL_VNNI
   return true;
@@ -165,16 +180,9 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   Acts a;
-  if (x.scalar_type() == at::kFloat) quantize_acts(x.data_ptr<float>(), M, K, a);
-  else quantize_acts(x.data_ptr<at::BFloat16>(), M, K, a);
-  const uint8_t* qw = q.data_ptr<uint8_t>();
-  const at::Half* ws = s.data_ptr<at::Half>();
-  const at::Half* wm = m.data_ptr<at::Half>();
+  int4_quantize_acts(x, a);
   const int64_t grain = std::max<int64_t>(16, N / (4 * at::get_num_threads()));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (x.scalar_type() == at::kFloat) gemv_rows(qw, ws, wm, a, M, K, N, n0, n1, y.data_ptr<float>());
-    else gemv_rows(qw, ws, wm, a, M, K, N, n0, n1, y.data_ptr<at::BFloat16>());
-  });
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { int4_gemv_range(a, q, s, m, y, n0, n1); });
   return y;
 #else
   TORCH_CHECK(false, "int4_gemv: this build has no AVX-512 VNNI (check int4_gemv_supported())");

@@ -53,13 +53,14 @@ static inline void axpy(float p, const float* __restrict x, float* __restrict y,
   for (int64_t d = 0; d < m; ++d) y[d] += p * x[d];
 }
 
+// work units [begin, end) of (sequence, KV head); the callers below spread them over threads
 template <typename T, int DC>
-static void decode_impl(const float* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens,
-                        float* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB,
-                        float scale) {
+static void decode_impl_range(const float* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens,
+                              float* out, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB,
+                              float scale, int64_t begin, int64_t end) {
   const int64_t G = H / KVH;
   const int64_t row = KVH * D;  // elements between consecutive tokens of one head
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<float> scores, acc(G * D), kf(D), qs(G * D);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, kh = idx % KVH, L = lens[b];
@@ -80,6 +81,15 @@ static void decode_impl(const float* q, const T* k, const T* v, const int64_t* t
       }
       std::copy(acc.begin(), acc.end(), out + (b * H + kh * G) * D);
     }
+  }
+}
+
+template <typename T, int DC>
+static void decode_impl(const float* q, const T* k, const T* v, const int64_t* tables, const int64_t* lens,
+                        float* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t MB,
+                        float scale) {
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    decode_impl_range<T, DC>(q, k, v, tables, lens, out, H, KVH, D, BS, MB, scale, begin, end);
   });
 }
 
@@ -101,12 +111,13 @@ static inline __m512 reduce16(const __m512* v) {
 
 // D head dim (multiple of 32), G query heads per KV head
 template <int D, int G>
-static void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, const int64_t* tables,
-                        const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t KVH, int64_t BS, int64_t MB, float scale) {
+static void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, const int64_t* tables,
+                              const int64_t* lens, c10::BFloat16* out, int64_t KVH, int64_t BS, int64_t MB, float scale,
+                              int64_t begin, int64_t end) {
   constexpr int NQ = D / 32;   // bf16 pair-vectors per head
   constexpr int NV = D / 16;   // fp32 vectors per head
   const int64_t H = KVH * G, row = KVH * D;
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+  {
     std::vector<float> scores;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, kh = idx % KVH, L = lens[b];
@@ -165,6 +176,14 @@ static void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c1
           _mm512_storeu_si512(ob + g * D + j * 16, (__m512i)pair);
         }
     }
+  }
+}
+
+template <int D, int G>
+static void decode_bf16(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, const int64_t* tables,
+                        const int64_t* lens, c10::BFloat16* out, int64_t B, int64_t KVH, int64_t BS, int64_t MB, float scale) {
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    decode_bf16_range<D, G>(q, k, v, tables, lens, out, KVH, BS, MB, scale, begin, end);
   });
 }
 
@@ -224,6 +243,62 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     else run(std::integral_constant<int, 0>{});
   });
   return out.to(q.scalar_type());
+}
+
+// For callers inside their own parallel region (decode_stack.cpp): which inputs the range form takes,
+// and the (sequence, KV head) units [begin, end) of one call, written into out [B, H, D] (q's dtype).
+// bf16 q and caches with D 64/128 and up to 8 query heads per KV head, or fp32 q and caches.
+bool paged_decode_range_supported(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+  const int64_t H = q.size(1), D = q.size(2), KVH = k_cache.size(2);
+  if (!k_cache.is_contiguous() || !v_cache.is_contiguous() || H % KVH) return false;
+  const auto t = q.scalar_type();
+  if (t != k_cache.scalar_type() || t != v_cache.scalar_type()) return false;
+  if (t == at::kFloat) return true;
+#ifdef TIDAL_AVX512_BF16
+  return t == at::kBFloat16 && (D == 64 || D == 128) && H / KVH <= 8;
+#else
+  return false;
+#endif
+}
+
+void paged_decode_attention_range(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                  const torch::Tensor& tables, const torch::Tensor& lens, torch::Tensor& out,
+                                  double scale, int64_t begin, int64_t end) {
+  const int64_t H = q.size(1), D = q.size(2), BS = k_cache.size(1), KVH = k_cache.size(2), MB = tables.size(1);
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat) {
+    auto run = [&](auto dc) {
+      decode_impl_range<float, decltype(dc)::value>(q.data_ptr<float>(), k_cache.data_ptr<float>(),
+          v_cache.data_ptr<float>(), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(),
+          H, KVH, D, BS, MB, s, begin, end);
+    };
+    if (D == 64) run(std::integral_constant<int, 64>{});
+    else if (D == 128) run(std::integral_constant<int, 128>{});
+    else run(std::integral_constant<int, 0>{});
+    return;
+  }
+#ifdef TIDAL_AVX512_BF16
+  auto call = [&](auto d, auto g) {
+    decode_bf16_range<decltype(d)::value, decltype(g)::value>(q.data_ptr<c10::BFloat16>(),
+        k_cache.data_ptr<c10::BFloat16>(), v_cache.data_ptr<c10::BFloat16>(), tables.data_ptr<int64_t>(),
+        lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), KVH, BS, MB, s, begin, end);
+  };
+  auto with_g = [&](auto d) {
+    switch (H / KVH) {
+      case 1: call(d, std::integral_constant<int, 1>{}); break;
+      case 2: call(d, std::integral_constant<int, 2>{}); break;
+      case 3: call(d, std::integral_constant<int, 3>{}); break;
+      case 4: call(d, std::integral_constant<int, 4>{}); break;
+      case 5: call(d, std::integral_constant<int, 5>{}); break;
+      case 6: call(d, std::integral_constant<int, 6>{}); break;
+      case 7: call(d, std::integral_constant<int, 7>{}); break;
+      case 8: call(d, std::integral_constant<int, 8>{}); break;
+      default: break;
+    }
+  };
+  if (D == 64) with_g(std::integral_constant<int, 64>{});
+  else with_g(std::integral_constant<int, 128>{});
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
