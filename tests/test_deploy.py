@@ -433,7 +433,7 @@ def _parser_for(command: str) -> tuple[argparse.ArgumentParser | None, str | Non
         return sub.choices[command], None
     if command == "gateway":   # being built (issue #13): its module's parser, before tidal/cli.py offers it
         try:
-            from tidal.fleet.gateway import add_gateway_parser
+            from tidal.fleet.gateway_cli import add_gateway_parser
         except ImportError:
             return None, "waits for `tidal gateway` (tidal/fleet/gateway.py, issue #13)"
         parser = add_gateway_parser(argparse.ArgumentParser(prog="tidal").add_subparsers())

@@ -189,8 +189,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     add_quantize_parser(sub).set_defaults(func=run_quantize)
     from tidal.plan.cli import add_parser as add_plan_parser
     add_plan_parser(sub)  # sets func=tidal.plan.cli.run
-    from tidal.fleet.gateway import add_gateway_parser
-    add_gateway_parser(sub)  # sets func=tidal.fleet.gateway.run_gateway
+    from tidal.fleet.gateway_cli import add_gateway_parser
+    add_gateway_parser(sub)  # sets func=tidal.fleet.gateway_cli.run_gateway
     from tidal.fleet.cluster import add_cluster_parser
     add_cluster_parser(sub)  # `tidal cluster up`: sets func=tidal.fleet.cluster.run_cluster_up
     return parser

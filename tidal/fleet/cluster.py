@@ -93,7 +93,8 @@ def _healthy(url: str) -> bool:
 
 
 async def _up(args: argparse.Namespace, extra: list[str]) -> int:
-    from tidal.fleet.gateway import Gateway, print_ready, settings_from_args
+    from tidal.fleet.gateway import Gateway
+    from tidal.fleet.gateway_cli import print_ready, settings_from_args
     reps = Replicas(args.replicas, args.model, args.base_port, args.replica_host, args.simulate, extra)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -133,7 +134,7 @@ async def _up(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def add_cluster_parser(sub) -> argparse.ArgumentParser:
-    from tidal.fleet.gateway import add_gateway_flags, port
+    from tidal.fleet.gateway_cli import add_gateway_flags, port
     p = sub.add_parser("cluster", help="run replicas and a gateway on this machine")
     csub = p.add_subparsers(dest="cluster_command", required=True)
     up = csub.add_parser("up", help="start N tidal serve replicas and tidal gateway in front; Ctrl-C stops all",

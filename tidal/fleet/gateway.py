@@ -1,10 +1,11 @@
 """`tidal gateway`: the endpoint picker (EPP) in this process, Envoy in front of it as a child.
 
-Owns: the subcommand's flags (`add_gateway_parser`), building the picker over the replicas,
+Owns: building the picker over the replicas,
 starting the EPP's ext_proc gRPC server and its `/metrics` + `/health` port (ext_proc.py), writing
 Envoy's bootstrap (envoy_config.py) into a temp dir, starting Envoy and waiting until it is ready
-(admin `/ready`), and stopping both on SIGINT/SIGTERM. `--epp-only` runs just the EPP, for a gateway
-already running elsewhere (Istio, Envoy Gateway, GKE), and prints the ext_proc address.
+(admin `/ready`), and stopping both (`Gateway`). With `epp_only` it runs just the EPP, for a gateway
+already running elsewhere (Istio, Envoy Gateway, GKE). The subcommand's flags and its run-until-signalled
+loop are in gateway_cli.py.
 Lifetime: Envoy runs in its own session (Ctrl-C reaches the gateway, which stops Envoy first, then
 the EPP) with `prctl(PR_SET_PDEATHSIG, SIGKILL)`, so it dies with the gateway even when the gateway
 is killed outright. Nothing outlives `tidal gateway`.
@@ -13,7 +14,6 @@ Must not: route (the picker decides; Envoy forwards), parse request bodies, or s
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -21,7 +21,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -38,13 +37,6 @@ def die_with_parent(sig: int = signal.SIGKILL):
         with contextlib.suppress(Exception):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     return preexec
-
-
-def port(text: str) -> int:
-    """argparse type: a TCP port."""
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535)")
-    return int(text)
 
 
 def endpoint_of(url: str) -> str:
@@ -197,80 +189,3 @@ class Gateway:
 def _get_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as r:
         return r.status == 200
-
-
-async def serve_until_signalled(gateway: Gateway, on_ready=None) -> int:
-    """Start the gateway, call on_ready(), run until SIGINT/SIGTERM (or Envoy dies), stop it."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await gateway.start()
-        if on_ready:
-            on_ready()
-        while not stop.is_set():
-            if gateway.envoy_exited():
-                print(f"tidal gateway: envoy exited (code {gateway.envoy.returncode}):\n{gateway.envoy_log_tail()}",
-                      file=sys.stderr)
-                return 1
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-        return 0
-    finally:
-        await gateway.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-def settings_from_args(args: argparse.Namespace, replicas: list[str], kv_events: list[str]) -> GatewaySettings:
-    return GatewaySettings(
-        replicas=replicas, kv_events=kv_events, config=args.config, host=args.host, port=args.port,
-        epp_host=args.epp_host, epp_port=args.epp_port, metrics_port=args.metrics_port,
-        admin_port=args.admin_port, epp_only=getattr(args, "epp_only", False),
-        envoy_concurrency=args.envoy_concurrency, envoy_log_level=args.envoy_log_level)
-
-
-def print_ready(s: GatewaySettings, url: str) -> None:
-    if s.epp_only:
-        print(f"tidal gateway: EPP ext_proc on grpc://{s.epp_host}:{s.epp_port} "
-              f"(metrics http://{s.epp_host}:{s.metrics_port}/metrics)", flush=True)
-    else:
-        print(f"tidal gateway: {url} -> {len(s.replicas)} replica(s) "
-              f"(EPP metrics http://{s.epp_host}:{s.metrics_port}/metrics, "
-              f"envoy admin http://127.0.0.1:{s.admin_port})", flush=True)
-
-
-def add_gateway_flags(p: argparse.ArgumentParser) -> None:
-    """The gateway's own flags (shared with `tidal cluster up`)."""
-    p.add_argument("--config", default=None, help="endpoint picker config file (YAML)")
-    p.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default: loopback)")
-    p.add_argument("--port", type=port, default=8080, help="gateway port (default 8080)")
-    p.add_argument("--epp-host", default="127.0.0.1", help="address of the EPP's gRPC and metrics ports")
-    p.add_argument("--epp-port", type=port, default=9002, help="EPP ext_proc gRPC port (default 9002)")
-    p.add_argument("--metrics-port", type=port, default=9003, help="EPP /metrics and /health port (default 9003)")
-    p.add_argument("--admin-port", type=port, default=9901, help="Envoy admin port on localhost (default 9901)")
-    p.add_argument("--envoy-concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)")
-    p.add_argument("--envoy-log-level", default="warn", help="Envoy's log level (its log is in the gateway's temp dir)")
-
-
-def add_gateway_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("gateway", help="Envoy + the endpoint picker in front of tidal serve replicas")
-    p.add_argument("--replica", action="append", default=[], metavar="URL",
-                   help="a replica's URL (http://HOST:PORT); repeat for each (or endpoints in --config)")
-    p.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT",
-                   help="the matching replica's KV events endpoint (tcp://HOST:PORT), in --replica order")
-    p.add_argument("--epp-only", action="store_true",
-                   help="run only the EPP (ext_proc gRPC) for a gateway you already run")
-    add_gateway_flags(p)
-    p.set_defaults(func=run_gateway)
-    return p
-
-
-def run_gateway(args: argparse.Namespace) -> int:
-    replicas = [endpoint_of(u) for u in args.replica]
-    if args.kv_events and len(args.kv_events) != len(replicas):
-        raise TidalError("give one --kv-events per --replica, in the same order")
-    s = settings_from_args(args, replicas, args.kv_events)
-    gw = Gateway(s)
-    return asyncio.run(serve_until_signalled(gw, lambda: print_ready(s, gw.url)))
