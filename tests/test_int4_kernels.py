@@ -31,8 +31,8 @@ def _qw(n, k, seed=0):
 
 
 def _gemv_arithmetic(x, qw):
-    """What int4_gemv states it computes, in float64: each 32-group of x rounded to int8 steps of
-    max|x|/127, times scale * q, plus min * the group's exact sum."""
+    """What int4_gemv / int8_gemv state they compute, in float64: each 32-group of x rounded to int8
+    steps of max|x|/127, times scale * q, plus min * the group's exact sum."""
     rows, k = x.shape
     x32 = x.float().view(rows, -1, 32)
     d = x32.abs().amax(-1, keepdim=True) / 127                     # fp32, as the kernel rounds
@@ -67,6 +67,32 @@ def test_int4_gemv_is_its_arithmetic(ext, n, k, rows):
     assert (y.double() - exact).norm() <= 0.05 * exact.norm()
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_gemv_is_its_arithmetic(ext, rows):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(72, 320, generator=g) * 0.05
+    x = torch.randn(rows, 320, generator=g)
+    for qw in (quantize(w, 8, 32), quantize(w, 8, 32, symmetric=True)):
+        want = _gemv_arithmetic(x, qw)
+        y = ext.int8_gemv(x, qw.qdata, qw.scale.half(), qw.min.half())
+        err, span = (y.double() - want).abs(), want.abs().max().item()
+        assert (err <= 1e-5 * span).float().mean() >= 0.95 and (err <= 1e-3 * span).all(), err.max() / span
+        out = torch.empty(72, 320)
+        assert torch.equal(ext.int8_dequant(qw.qdata, qw.scale.half(), qw.min.half(), out), dequantize(qw))
+
+
+def test_symmetric_int8_gives_a_q8_0_grid_back_exactly():
+    """GGUF Q8_0 rows (d * q, fp16 d, |q| <= 127 with 127 reached) quantize back to themselves."""
+    g = torch.Generator().manual_seed(0)
+    d = (torch.rand(40, 6, 1, generator=g) * 0.01 + 1e-3).half().float()
+    q = torch.randint(-127, 128, (40, 6, 32), generator=g).float()
+    q[..., 0] = 127 * torch.where(torch.rand(40, 6, generator=g) < 0.5, 1.0, -1.0)
+    w = (d * q).reshape(40, 192)
+    qw = quantize(w, 8, 32, symmetric=True)
+    assert torch.equal(dequantize(qw), w)
+    assert (dequantize(quantize(w, 8, 32)) != w).any()   # the asymmetric min/max grid does not
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_dequant_equals_dequantize(ext, dtype):
     qw = _qw(48, 192, seed=1)
@@ -89,6 +115,19 @@ def test_quant_linear_int4vnni_paths(ext):
     torch.testing.assert_close(layer(many), exact(many), rtol=1e-5, atol=1e-5)
     a, b = layer.forward_split(few)
     assert a.shape[-1] == 64 and b.shape[-1] == 32
+
+
+def test_int8_head_runs_the_vnni_kernel(ext):
+    from model_utils import all_logits
+    from tidal.model.quantize import quantize_head
+    runner = make_runner(_tiny("llama"))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 11)]
+    ref = torch.cat(all_logits(runner, prompts))
+    assert quantize_head(runner.model, 8) == "int8vnni"
+    got = torch.cat(all_logits(runner, prompts))
+    err, span = (got - ref).abs().max().item(), (ref.max() - ref.min()).item()
+    assert 0 < err <= 0.02 * span, (err, span)
 
 
 def _tiny(arch):

@@ -95,7 +95,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_jump_forward: bool = True         # append the tokens a grammar forces without a decode step
     quant: str = "none"
-    quant_head: str = "none"                 # the LM head: none (the checkpoint's precision) or int4
+    quant_head: str = "none"                 # the LM head: none (the checkpoint's precision), int8 or int4
     kv_quant: str = "none"
     device_mem: str | int | None = None
     host_mem: str | int | None = None
@@ -119,8 +119,8 @@ class EngineConfig:
             raise TidalError("--max-model-len must be at least 1", param="max_model_len")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise TidalError("--num-kv-blocks must be at least 1", param="num_kv_blocks")
-        if self.quant_head not in ("none", "int4"):
-            raise TidalError("--quant-head must be none or int4", param="quant_head")
+        if self.quant_head not in ("none", "int8", "int4"):
+            raise TidalError("--quant-head must be none, int8 or int4", param="quant_head")
         for name in ("quant", "kv_quant"):
             if getattr(self, name) not in ("none", "int8", "int4"):
                 raise TidalError(f"--{name.replace('_', '-')} must be none, int8 or int4", param=name)
@@ -163,8 +163,9 @@ ENGINE_FLAGS = [
     ("max_num_seqs", int, "most sequences in one batch"),
     ("max_num_batched_tokens", int, "token budget of one engine step"),
     ("quant", str, "weight quantization: none, int8, int4"),
-    ("quant_head", str, "LM head quantization: none (default: the checkpoint's precision) or int4 (group 32; "
-                        "SmolLM2 batch-1 decode with --quant int4 129 -> 162 tok/s on AVX-512 VNNI, perplexity +5.5%%)"),
+    ("quant_head", str, "LM head quantization, group 32: none (default: the checkpoint's precision), int8 "
+                        "(symmetric, GGUF Q8_0's grid; needs AVX-512 VNNI) or int4 (perplexity +5.5%% on SmolLM2); "
+                        "a bf16 head is ~1/3 of an int4 model's batch-1 decode step"),
     ("kv_quant", str, "KV cache quantization: none, int8, int4"),
     ("device_mem", str, "device memory budget, e.g. 16GiB"),
     ("host_mem", str, "host memory budget, e.g. 64GiB"),

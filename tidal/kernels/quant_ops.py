@@ -8,6 +8,7 @@ Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one in
   scratch buffer shared by every layer and run the float GEMM, which beats every packed int4 kernel
   at hundreds of rows. Chosen only when the kernels are loaded when the layer is built (a first run
   that builds them in the background keeps "int4pack" for that process).
+- "int8vnni": the same for int8 in groups of 32 (`--quant-head int8`: GGUF Q8_0's grid).
 - "int4pack": `_weight_int4pack_mm_for_cpu`; int4, group 32/64/128/256, out % 16 == 0.
 - "int8pack": `_weight_int8pack_mm`; int8 with one group per row.
 Both run in bf16: their fp32 code is 10-30x slower (scalar), so fp32 inputs are cast to bf16 and
@@ -38,8 +39,8 @@ def cpu_paths(qw) -> tuple[str, ...]:
     """The packed-kernel paths that can run `qw` (a QuantizedWeight) on CPU, best first."""
     out_features, in_features = qw.shape
     paths = ()
-    if qw.bits == 4 and qw.group_size == 32 and in_features % 64 == 0 and _vnni_kernels() is not None:
-        paths = ("int4vnni",)
+    if qw.group_size == 32 and in_features % 64 == 0 and _vnni_kernels() is not None:
+        paths = (f"int{qw.bits}vnni",)
     if qw.bits == 4 and qw.group_size in _INT4_GROUPS and out_features % 16 == 0:
         return paths + ("int4pack",)
     if paths:
@@ -51,7 +52,7 @@ def cpu_paths(qw) -> tuple[str, ...]:
 
 def pack(qw, path: str) -> tuple:
     out_features, in_features = qw.shape
-    if path == "int4vnni":
+    if path in ("int4vnni", "int8vnni"):
         return _vnni_kernels(), qw.qdata.contiguous(), qw.scale.half().contiguous(), qw.min.half().contiguous()
     if path == "int4pack":
         q = qw.unpacked().reshape(out_features, in_features).to(torch.int32)
@@ -71,15 +72,16 @@ def pack(qw, path: str) -> tuple:
 
 def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
     """x [rows, in] @ the packed weight's transpose -> [rows, out] in x's dtype (no bias)."""
-    if path == "int4vnni":
+    if path in ("int4vnni", "int8vnni"):
         ext, q, scale, mn = packed
+        int4 = path == "int4vnni"
         if x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-            return ext.int4_gemv(x.contiguous(), q, scale, mn)
-        numel = q.shape[0] * q.shape[1] * 2
+            return (ext.int4_gemv if int4 else ext.int8_gemv)(x.contiguous(), q, scale, mn)
+        numel = q.shape[0] * q.shape[1] * (2 if int4 else 1)
         buf = _scratch.get(x.dtype)
         if buf is None or buf.numel() < numel:
             buf = _scratch[x.dtype] = torch.empty(numel, dtype=x.dtype)
-        w = ext.int4_dequant(q, scale, mn, buf[:numel].view(q.shape[0], -1))
+        w = (ext.int4_dequant if int4 else ext.int8_dequant)(q, scale, mn, buf[:numel].view(q.shape[0], -1))
         return F.linear(x, w)
     if path == "int4pack":
         weight, scales_and_zeros, group_size = packed

@@ -2,8 +2,8 @@
 
 Owns: `quantize_model`, which swaps every `Linear` / `MergedLinear` for a `QuantLinear` and leaves
 embeddings, the LM head and norms alone (they stay in the model dtype); `quantize_head` (--quant-head
-int4: the LM head gets a group-wise int4 copy; at batch-1 decode SmolLM2's bf16 head is 2 ms of a
-12 ms int4 step, for +5.5% perplexity, so it is opt-in); a
+int8 / int4: the LM head gets a group-wise copy; at batch-1 decode SmolLM2's bf16 head is ~2 ms of a
+~6-8 ms int4 step; int8 is Q8_0's grid, lossless for SmolLM2's GGUF, int4 costs +5.5% perplexity; opt-in); a
 layer whose weight arrived already quantized in the asked format (GGUF Q4_1, a `tidal quantize`
 directory) keeps those bits. Also `resolve_quantization` (--quant against what a checkpoint holds)
 and `check_group_sizes`.
@@ -110,8 +110,10 @@ def quantize_head(model: nn.Module, bits: int = 4, group_size: int = 32,
                   scale_dtype: torch.dtype = torch.float16) -> str:
     """Give the LM head a group-wise quantized copy run by a packed kernel (the embedding keeps the float
     rows it looks up; an untied float head is dropped). Returns the head's matmul path.
-    int4 only: torch's per-row int8 kernel reads half a bf16 head's bytes but is no faster than the
-    packed bf16 matmul at one row (SmolLM2's head on one thread: 4.0 vs 4.4 ms; int4: 1.6 ms)."""
+    int8 is symmetric in groups of 32 (GGUF Q8_0's grid: a Q8_0 head, as in SmolLM2's GGUF, comes back
+    exactly) and needs tidal's VNNI kernel (torch's per-row int8 kernel is no faster than the bf16
+    head at one row: 4.0 vs 4.4 ms on one thread), so elsewhere it is refused; int4 runs anywhere
+    torch's int4 kernel does."""
     from tidal.model.layers.embedding import LMHead
     head = getattr(model, "lm_head", None)
     if not isinstance(head, LMHead):
@@ -124,10 +126,12 @@ def quantize_head(model: nn.Module, bits: int = 4, group_size: int = 32,
     except ValueError as e:
         raise TidalError(f"--quant-head int{bits}: {e}", param="quant_head") from None
     with _one_thread():
-        qw = quantize(head.weight.data, bits, group_size, scale_dtype)
+        qw = quantize(head.weight.data, bits, group_size, scale_dtype, symmetric=bits == 8)
     q = QuantLinear(qw, None if head.bias is None else head.bias.data)
     if q.path == "dequant":   # dequantizing the whole head every step would be slower than the float head
-        raise TidalError(f"--quant-head int{bits}: no quantized kernel for the head on {head.weight.device}",
+        need = " (int8 needs tidal's CPU kernels built on a CPU with AVX-512 VNNI; int4 runs on torch's kernel)" \
+            if bits == 8 else ""
+        raise TidalError(f"--quant-head int{bits}: no quantized kernel for the head on {head.weight.device}{need}",
                          param="quant_head")
     head.set_quantized(q)
     return q.path

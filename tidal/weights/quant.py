@@ -66,8 +66,11 @@ def check_group_size(in_features: int, group_size: int) -> None:
 
 
 def quantize(w: torch.Tensor, bits: int = 4, group_size: int | None = 64,
-             scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+             scale_dtype: torch.dtype = torch.float16, symmetric: bool = False) -> QuantizedWeight:
     """`w` [out, in] -> QuantizedWeight. `group_size=None` means one group per output row.
+
+    `symmetric` (int8 only): GGUF Q8_0's grid, scale = max|w| / 127 and min = -128 * scale, so a
+    Q8_0 checkpoint's dequantized rows (each group d * q with some |q| = 127) come back exactly.
 
     The error of every element is at most half its group's (stored) scale: min is rounded down
     and scale up into `scale_dtype`, so the stored grid still covers the group's [min, max].
@@ -81,9 +84,15 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int | None = 64,
     check_group_size(in_features, group_size)
     qmax = (1 << bits) - 1
     groups = w.detach().float().reshape(out, -1, group_size)
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    mn = _round_toward(lo, scale_dtype, down=True)
-    scale = _round_toward((hi - mn.float()) / qmax, scale_dtype, down=False)
+    if symmetric:
+        if bits != 8:
+            raise ValueError("symmetric quantization is int8 only (GGUF Q8_0's grid)")
+        scale = _round_toward(groups.abs().amax(-1) / 127, scale_dtype, down=False)
+        mn = (scale.float() * -128).to(scale_dtype)
+    else:
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        mn = _round_toward(lo, scale_dtype, down=True)
+        scale = _round_toward((hi - mn.float()) / qmax, scale_dtype, down=False)
     s32 = scale.float()
     # a constant group has scale 0 (or, when its value has no `scale_dtype` form, a tiny one): q = 0
     # and min reproduce it

@@ -11,6 +11,8 @@ torch::Tensor prefill_attention_bf16(torch::Tensor q, torch::Tensor k_cache, tor
 bool int4_gemv_supported();
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m);
 torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, torch::Tensor out);
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m);
+torch::Tensor int8_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, torch::Tensor out);
 // paged_decode.cpp
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale);

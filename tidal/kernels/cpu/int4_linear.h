@@ -1,4 +1,4 @@
-// int4_linear.cpp's pieces for callers that run their own parallel region (decode_stack.cpp): the
+// int4_linear.cpp (int4 and int8 group-32 GEMV) pieces for callers that run their own parallel region (decode_stack.cpp): the
 // activations quantized once per matmul input, then any range of weight rows per thread.
 #pragma once
 #include <torch/extension.h>

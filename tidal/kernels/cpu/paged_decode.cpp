@@ -311,5 +311,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv_supported", &int4_gemv_supported, "whether int4_gemv has its AVX-512 VNNI path here");
   m.def("int4_gemv", &int4_gemv, "x [rows, in] @ int4 weight.T, weights read packed (int4_linear.cpp)");
   m.def("int4_dequant", &int4_dequant, "int4 weight -> float weight into out (int4_linear.cpp)");
+  m.def("int8_gemv", &int8_gemv, "x [rows, in] @ int8 (group 32) weight.T, weights read as stored (int4_linear.cpp)");
+  m.def("int8_dequant", &int8_dequant, "int8 (group 32) weight -> float weight into out (int4_linear.cpp)");
   bind_decode_stack(m);
 }
