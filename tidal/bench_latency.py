@@ -83,7 +83,8 @@ def run_latency(args, engine_kwargs: dict) -> int:
             ttfts.append(first - t0)
             decode_s.append(time.perf_counter() - first)
     record = make_record(wl, {"name": "tidal", "model": cfg.model, "dtype": str(cfg.torch_dtype).removeprefix("torch."),
-                              "device": str(cfg.torch_device), "args": {"quant": cfg.quant, "kv_quant": cfg.kv_quant}},
+                              "device": str(cfg.torch_device), "args": {"quant": cfg.quant, "quant_head": cfg.quant_head,
+                                                                        "kv_quant": cfg.kv_quant}},
                          latency_results(ttfts, decode_s, args.output_len, args.input_len, engine.runner.load_seconds))
     record["benchmark"] = "latency"
     print(format_latency_table([record]))

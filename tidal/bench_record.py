@@ -68,8 +68,10 @@ def write_record(record: dict, path: str | None) -> None:
 def _label(r: dict) -> str:
     e = r["engine"]
     extra = f" bs={e['batch_size']}" if e.get("batch_size") else ""
-    quant = (e.get("args") or {}).get("quant")
+    args = e.get("args") or {}
+    quant, head = args.get("quant"), args.get("quant_head")
     extra += f" {quant}" if quant not in (None, "none") else ""
+    extra += f" head={head}" if head not in (None, "none") else ""
     return f"{e['name']} {e.get('dtype', '')}{extra}".strip()
 
 
