@@ -2,7 +2,7 @@
 and what its int8 activations cost in perplexity (docs/performance.md, docs/benchmarks.md session 6).
 
     python bench/int4_gemv.py               # microseconds per matmul (hot cache), error vs the exact product
-    python bench/int4_gemv.py --perplexity  # fp32 / int4 / int4 + int4 head, every matmul on the GEMV
+    python bench/int4_gemv.py --perplexity  # fp32 / int4 / int4 + int8 or int4 head, every matmul on the GEMV
 """
 import argparse
 import time
@@ -47,7 +47,9 @@ def perplexity() -> None:
     from tidal.eval.perplexity import evaluate
     cpu.load()
     quant_ops.GEMV_MAX_ROWS = 10 ** 9   # prefill rows too: the decode path's numerics on every token
-    configs = {"fp32": {}, "int4 weights": {"quant": "int4"}, "int4 + head": {"quant": "int4", "quant_head": "int4"}}
+    configs = {"fp32": {}, "int4 weights": {"quant": "int4"}, "int8 head": {"quant_head": "int8"},
+               "int4 + int8 head": {"quant": "int4", "quant_head": "int8"},
+               "int4 + int4 head": {"quant": "int4", "quant_head": "int4"}}
     evaluate("smollm2", n_tokens=4096, chunk=1024, configs=configs)
 
 
