@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass, fields
-
-import torch
+from typing import TYPE_CHECKING
 
 from tidal.errors import TidalError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a device or dtype is resolved, not at import: the flags alone (`tidal gateway`,
+# `tidal cluster`, `--help`) then start without torch's ~1 s import
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+           "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
@@ -34,6 +38,7 @@ def parse_size(value: str | int | float | None, name: str) -> int | None:
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -49,6 +54,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
     if dtype == "auto":
         # bf16 halves the bytes streamed per decoded token and runs matmuls faster on CPUs with
         # AVX512-BF16/AMX and on every recent GPU; fp32 is the safe fallback.
@@ -57,7 +63,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_fast_bf16() else torch.float32
     if dtype not in _DTYPES:
         raise TidalError(f"--dtype '{dtype}' is not supported; use auto, float32, bfloat16 or float16", param="dtype")
-    result = _DTYPES[dtype]
+    result = getattr(torch, _DTYPES[dtype])
     try:  # a dtype the device cannot run fails here, with a message, not in the middle of a forward pass
         a = torch.ones(4, 4, dtype=result, device=device)
         (a @ a).sum().item()

@@ -16,12 +16,16 @@ import sys
 import tempfile
 import time
 
-import torch
+from typing import TYPE_CHECKING
+
 from tqdm import tqdm
 
 from tidal.errors import TidalError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+_DTYPES = ("float32", "bfloat16", "float16")   # torch is imported when a checkpoint is quantized, not for the flags
 
 
 def add_quantize_parser(sub):
@@ -48,6 +52,8 @@ def run_quantize(args) -> int:
 def quantize_checkpoint(src: str, dst: str, quant: str = "int4", group_size: int | None = None,
                         dtype: str = "auto", progress: bool = True) -> dict:
     """Quantize SRC's linear weights into a new directory DST; returns a summary dict."""
+    import torch
+
     from tidal.model.layers.linear import Linear
     from tidal.model.registry import build_model
     from tidal.weights import quantized_dir
@@ -133,11 +139,13 @@ def quantize_checkpoint(src: str, dst: str, quant: str = "int4", group_size: int
             "bytes": writer.total_bytes, "seconds": time.perf_counter() - t0}
 
 
-def _resolve_dtype(dtype: str, ckpt) -> torch.dtype:
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
+def _resolve_dtype(dtype: str, ckpt) -> "torch.dtype":
+    import torch
+    dtypes = {name: getattr(torch, name) for name in _DTYPES}
+    if dtype in dtypes:
+        return dtypes[dtype]
     if dtype != "auto":
         raise TidalError(f"--dtype {dtype} is not supported; use auto, float32, bfloat16 or float16", param="dtype")
     own = getattr(ckpt.hf_config, "dtype", None) if ckpt.format == "hf" else None
-    own = _DTYPES.get(own, own) if isinstance(own, str) else own
-    return own if own in _DTYPES.values() else torch.float32
+    own = dtypes.get(own, own) if isinstance(own, str) else own
+    return own if own in dtypes.values() else torch.float32
