@@ -220,6 +220,7 @@ def main() -> int:
     ap.add_argument("--sim-rate", default="inf", help="request rate, req/s (Poisson; inf = all at once)")
     ap.add_argument("--sim-concurrency", default="48", help="most requests in flight (0: no cap)")
     ap.add_argument("--sim-policies", default="prefix-precise,prefix-approx,prefix6-approx,round-robin")
+    ap.add_argument("--sim-serve-args", default="", help="extra flags for each simulated replica's tidal serve")
     # real part
     ap.add_argument("--real-replicas", type=int, default=2)
     ap.add_argument("--real-workload", default="8,8,512,128,128", help="groups,per-group,prefix,question,output")
@@ -258,7 +259,7 @@ def main() -> int:
             def sim_cmd(i):
                 return [PY, "-m", "tidal.cli", "serve", "--model", "smollm2", "--simulate", "--host", "127.0.0.1",
                         "--port", str(a.base_port + i), "--kv-events-endpoint", f"tcp://*:{a.base_port + n + i}",
-                        "--num-kv-blocks", str(a.sim_kv_blocks), "--log-level", "warning"]
+                        "--num-kv-blocks", str(a.sim_kv_blocks), "--log-level", "warning"] + a.sim_serve_args.split()
             for pol in a.sim_policies.split(","):
                 epp, precise = policies[pol]
                 rows.append(run_one(f"sim{n}-{pol}", a, sim_cmd, n, epp, precise,

@@ -98,6 +98,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None         # overrides kv_mem (tests use tiny pools)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
+    long_prefill_token_threshold: int = 0    # most tokens one prefill gets a step (0: up to the whole budget)
     enable_prefix_caching: bool = True
     enable_jump_forward: bool = True         # append the tokens a grammar forces without a decode step
     quant: str = "none"
@@ -121,6 +122,8 @@ class EngineConfig:
             raise TidalError("--max-num-seqs must be at least 1", param="max_num_seqs")
         if self.max_num_batched_tokens < 1:
             raise TidalError("--max-num-batched-tokens must be at least 1", param="max_num_batched_tokens")
+        if self.long_prefill_token_threshold < 0:
+            raise TidalError("--long-prefill-token-threshold must be 0 (off) or more", param="long_prefill_token_threshold")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise TidalError("--max-model-len must be at least 1", param="max_model_len")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -168,6 +171,8 @@ ENGINE_FLAGS = [
     ("num_kv_blocks", int, "KV cache pool size in blocks (overrides --kv-mem)"),
     ("max_num_seqs", int, "most sequences in one batch"),
     ("max_num_batched_tokens", int, "token budget of one engine step"),
+    ("long_prefill_token_threshold", int, "most tokens one prompt's prefill gets in a step (default 0: the whole "
+                                          "budget); lower lets short or prefix-cached prompts go ahead of a long one"),
     ("quant", str, "weight quantization: none, int8, int4"),
     ("quant_head", str, "LM head quantization, group 32: none (default: the checkpoint's precision), int8 "
                         "(symmetric, GGUF Q8_0's grid; needs AVX-512 VNNI) or int4 (perplexity +5.5%% on SmolLM2); "

@@ -4,6 +4,10 @@ Owns: the waiting queue (ordered by priority, then arrival) and the running list
 token budget, admission checks, and preemption. Prefill and decode share one rule: each
 scheduled request's computed-token count catches up to its token count, as far as the
 budget allows, so a long prompt is prefilled in chunks between running decodes.
+A waiting request whose next uncached prompt block is being prefilled right now by a running request
+(a burst of requests sharing a system prompt) waits until that block is computed, then takes it from
+the prefix cache, instead of computing the same prefix again beside it (SGLang schedules bursts the
+same way); the requests behind it in the queue still go ahead.
 `schedule()` returns a plain-data `SchedulerOutput` (engine/step_io.py): a request the runner
 has no state for goes in full (`NewRequestData`), a running one as the block ids added since
 the last step and its computed-token count; finished, aborted and preempted ids since the last
@@ -17,14 +21,18 @@ import bisect
 
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.step_io import NewRequestData, SchedulerOutput
-from tidal.kv.block_manager import BlockManager
+from tidal.kv.block_manager import BlockManager, hash_block
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # vLLM's knob: a prefill gets at most this many tokens a step (0: no cap), so a long cold prompt
+        # leaves budget for short ones behind it (e.g. the rest of its group, warm in the prefix cache)
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.waiting: list[Request] = []   # sorted by sort_key
         self.running: list[Request] = []   # in admission order
         self.num_preemptions = 0
@@ -32,6 +40,9 @@ class Scheduler:
         # to the runner as a new one
         self._num_sent_blocks: dict[str, int] = {}
         self._finished_ids: set[str] = set()   # to tell the runner at the next schedule()
+        # chain hashes of the full blocks of requests waiting or in prefill, computed once each
+        self._hashes: dict[str, list[int]] = {}
+        self.num_prefix_waits = 0   # steps a waiting request was held back for a prefix being computed
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -53,6 +64,7 @@ class Scheduler:
     def _forget(self, req: Request) -> None:
         """The runner is to drop req's state (it may not have any: then the id is ignored there)."""
         self._num_sent_blocks.pop(req.request_id, None)
+        self._hashes.pop(req.request_id, None)
         self._finished_ids.add(req.request_id)
 
     def schedule(self) -> SchedulerOutput:
@@ -65,7 +77,7 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget, self._cap)
             while not self.bm.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new):
                 victim = max(self.running, key=lambda r: r.sort_key)
                 budget += self._preempt(victim, reqs, num_new_tokens, preempted)
@@ -76,17 +88,27 @@ class Scheduler:
                 num_new_tokens.append(num_new)
                 budget -= num_new
         # memory is tight when something was preempted: let the running set drain before admitting more
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        pending = self._pending_blocks() if self.waiting and not preempted else set()
+        i = 0
+        while not preempted and i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[i]
             tokens = req.all_token_ids
-            if req.params.prompt_logprobs is None:
+            reuse = req.params.prompt_logprobs is None and self.bm.enable_prefix_caching
+            if reuse:
                 computed_blocks, num_cached = self.bm.get_computed_blocks(tokens)
+                hashes = self._block_hashes(req)
+                if num_cached // self.bm.block_size < len(hashes) and hashes[num_cached // self.bm.block_size] in pending:
+                    self.num_prefix_waits += 1
+                    i += 1   # its next block is being computed: take it from the cache in a later step
+                    continue
             else:  # prompt logprobs need logits at every prompt position, so nothing may be skipped
                 computed_blocks, num_cached = [], 0
-            num_new = min(len(tokens) - num_cached, budget)
+            num_new = min(len(tokens) - num_cached, budget, self._cap)
             if not self.bm.allocate_slots(req.request_id, tokens, num_cached, num_new, computed_blocks):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            if reuse:
+                pending.update(hashes[num_cached // self.bm.block_size:])
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_cached
             if req.num_preemptions == 0:
@@ -96,6 +118,34 @@ class Scheduler:
             num_new_tokens.append(num_new)
             budget -= num_new
         return self._output(reqs, num_new_tokens, preempted)
+
+    @property
+    def _cap(self) -> int:
+        return self.long_prefill_token_threshold if self.long_prefill_token_threshold > 0 else self.max_num_batched_tokens
+
+    def _block_hashes(self, req: Request) -> list[int]:
+        """Chain hashes of req's full blocks (the block manager's), kept while it waits or prefills."""
+        bs, tokens = self.bm.block_size, req.all_token_ids
+        hashes = self._hashes.get(req.request_id)
+        if hashes is None or len(hashes) != len(tokens) // bs:
+            hashes, parent = [], None
+            for i in range(len(tokens) // bs):
+                parent = hash_block(parent, tokens[i * bs:(i + 1) * bs])
+                hashes.append(parent)
+            self._hashes[req.request_id] = hashes
+        return hashes
+
+    def _pending_blocks(self) -> set[int]:
+        """Hashes of the full blocks that running requests are still prefilling."""
+        if not self.bm.enable_prefix_caching:
+            return set()
+        pending: set[int] = set()
+        for req in self.running:
+            if req.num_computed_tokens + 1 >= req.num_tokens or req.params.prompt_logprobs is not None:
+                self._hashes.pop(req.request_id, None)   # decoding: its blocks are all computed
+                continue
+            pending.update(self._block_hashes(req)[req.num_computed_tokens // self.bm.block_size:])
+        return pending
 
     def _output(self, reqs: list[Request], num_new_tokens: list[int], preempted: list[Request]) -> SchedulerOutput:
         """The step as plain data. O(scheduled requests + new blocks), except a request the runner does
