@@ -60,7 +60,7 @@ class ModelRunner:
             if quant is not None:
                 quantize_model(self.model, *quant)
             if self.config.quant_head != "none":
-                quantize_head(self.model, {"int4": 4, "int8": 8}[self.config.quant_head])
+                quantize_head(self.model, self.config.quant_head)
             backend = get_backend(self.device)
             for module in self.model.modules():
                 if hasattr(module, "pack"):

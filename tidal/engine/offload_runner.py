@@ -57,7 +57,7 @@ def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verb
         if quantize is not None:
             quantize(model)
         if config.quant_head != "none":
-            quantize_head(model, {"int4": 4, "int8": 8}[config.quant_head])
+            quantize_head(model, config.quant_head)
         backend = get_backend(dev)
         for module in model.modules():  # a packed copy of a streamed layer would pin a second copy
             if hasattr(module, "pack"):

@@ -96,8 +96,8 @@ class Scheduler:
             reuse = req.params.prompt_logprobs is None and self.bm.enable_prefix_caching
             if reuse:
                 computed_blocks, num_cached = self.bm.get_computed_blocks(tokens)
-                hashes = self._block_hashes(req)
-                if num_cached // self.bm.block_size < len(hashes) and hashes[num_cached // self.bm.block_size] in pending:
+                hashes, nxt = self._block_hashes(req), num_cached // self.bm.block_size
+                if nxt < len(hashes) and hashes[nxt] in pending:
                     self.num_prefix_waits += 1
                     i += 1   # its next block is being computed: take it from the cache in a later step
                     continue
@@ -108,7 +108,7 @@ class Scheduler:
                 break
             self.waiting.pop(i)
             if reuse:
-                pending.update(hashes[num_cached // self.bm.block_size:])
+                pending.update(hashes[nxt:])
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_cached
             if req.num_preemptions == 0:

@@ -13,8 +13,12 @@ Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one in
 - "int8pack": `_weight_int8pack_mm`; int8 with one group per row.
 Both run in bf16: their fp32 code is 10-30x slower (scalar), so fp32 inputs are cast to bf16 and
 the result back; the activations lose bf16 rounding, far below int4/int8 weight error.
-Must not: pick a device (kernels/__init__.py's backends route CPU tensors here) or dequantize
-(the "dequant" fallback, which every device runs, lives with the layer: model/layers/quant_linear.py).
+Also `scratch`: the one float buffer per (dtype, device) that every dequantizing matmul writes a
+weight into (the vnni paths' big batches here, and QuantLinear's "dequant" fallback), so the
+float copy exists once, not once per layer or per path.
+Must not: pick a device (kernels/__init__.py's backends route CPU tensors here), or dequantize through
+weights/quant.py (the "dequant" fallback, which every device runs, lives with the layer:
+model/layers/quant_linear.py).
 """
 from __future__ import annotations
 
@@ -28,7 +32,17 @@ _int4pack_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 _INT4_GROUPS = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 16   # int4vnni: batches up to this many rows take the GEMV, bigger ones dequantize + GEMM
 # (measured on SmolLM2's shapes: the GEMV is 1.4-1.6x faster at 16 rows, even at 24, 1.2-1.6x slower at 32+)
-_scratch: dict[torch.dtype, torch.Tensor] = {}
+_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A [rows, cols] view of the shared dequantize buffer for (dtype, device), grown as needed."""
+    key, numel = (dtype, torch.device(device)), rows * cols
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):   # a normal tensor: writable inside and outside inference mode
+            buf = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(rows, cols)
 
 
 def _vnni_kernels():
@@ -78,12 +92,8 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
         int4 = path == "int4vnni"
         if x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
             return (ext.int4_gemv if int4 else ext.int8_gemv)(x.contiguous(), q, scale, mn)
-        numel = q.shape[0] * q.shape[1] * (2 if int4 else 1)
-        buf = _scratch.get(x.dtype)
-        if buf is None or buf.numel() < numel:
-            buf = _scratch[x.dtype] = torch.empty(numel, dtype=x.dtype)
-        w = (ext.int4_dequant if int4 else ext.int8_dequant)(q, scale, mn, buf[:numel].view(q.shape[0], -1))
-        return F.linear(x, w)
+        out = scratch(q.shape[0], q.shape[1] * (2 if int4 else 1), x.dtype)
+        return F.linear(x, (ext.int4_dequant if int4 else ext.int8_dequant)(q, scale, mn, out))
     if path == "int4pack":
         weight, scales_and_zeros, group_size = packed
         if x.dtype == _KERNEL_DTYPE:   # the bf16 model's case: no casts (each costs a dispatch at decode)

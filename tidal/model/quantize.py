@@ -106,7 +106,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
     return paths
 
 
-def quantize_head(model: nn.Module, bits: int = 4, group_size: int = 32,
+def quantize_head(model: nn.Module, bits: int | str = 4, group_size: int = 32,
                   scale_dtype: torch.dtype = torch.float16) -> str:
     """Give the LM head a group-wise quantized copy run by a packed kernel (the embedding keeps the float
     rows it looks up; an untied float head is dropped). Returns the head's matmul path.
@@ -115,6 +115,7 @@ def quantize_head(model: nn.Module, bits: int = 4, group_size: int = 32,
     head at one row: 4.0 vs 4.4 ms on one thread), so elsewhere it is refused; int4 runs anywhere
     torch's int4 kernel does."""
     from tidal.model.layers.embedding import LMHead
+    bits = _BITS[bits] if isinstance(bits, str) else bits   # the --quant-head value, or bits
     head = getattr(model, "lm_head", None)
     if not isinstance(head, LMHead):
         raise TidalError("--quant-head: this model has no LM head tidal can quantize", param="quant_head")

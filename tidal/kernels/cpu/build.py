@@ -47,15 +47,26 @@ def build_dir(prefix: str | None = None, src_dir: str | None = None) -> str:
     """The build folder for these sources under this venv (`prefix`) and clone (`src_dir`): ninja's
     build file holds both paths, so two venvs or clones sharing one folder would rebuild each other's."""
     import torch
-    from torch.utils.cpp_extension import get_default_build_root
     src_dir = os.path.realpath(src_dir or HERE)
     h = hashlib.sha1("\0".join(CFLAGS + LDFLAGS + [torch.__version__, sys.version, _cpu_signature(),
                                                     os.path.realpath(prefix or sys.prefix), src_dir]).encode())
     for f in SOURCES + HEADERS:
         with open(os.path.join(src_dir, f), "rb") as fh:
             h.update(fh.read())
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or _default_build_root()
     return os.path.join(root, f"tidal_cpu_kernels_{h.hexdigest()[:10]}")
+
+
+def _default_build_root() -> str:
+    """torch.utils.cpp_extension.get_default_build_root()'s folder, from the function it calls: importing
+    cpp_extension costs ~0.12 s, and a process whose build is already done (the common start) needs
+    only this path."""
+    try:
+        from torch._appdirs import user_cache_dir
+    except ImportError:   # a torch without it: ask cpp_extension itself
+        from torch.utils.cpp_extension import get_default_build_root
+        return get_default_build_root()
+    return os.path.realpath(user_cache_dir(appname="torch_extensions"))
 
 
 def _cpu_signature() -> str:

@@ -15,7 +15,6 @@
 namespace {
 struct Int4W {
   torch::Tensor q, s, m;
-  torch::Tensor gemv(const torch::Tensor& x) const { return int4_gemv(x, q, s, m); }
 };
 
 struct Layer {

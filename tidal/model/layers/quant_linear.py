@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.kernels import get_backend
+from tidal.kernels.quant_ops import scratch
 from tidal.weights.quant import QuantizedWeight, dequantize
-
-_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def fitting_paths(qw: QuantizedWeight, device: torch.device) -> tuple[str, ...]:
@@ -86,11 +85,8 @@ class QuantLinear(nn.Module):
 
     def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         # one buffer per (dtype, device) for all layers: a per-layer copy would undo the savings
-        device, numel = self.qdata.device, self.out_features * self.in_features
-        buf = _scratch.get((dtype, device))
-        if buf is None or buf.numel() < numel:
-            buf = _scratch[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-        return dequantize(self.qw, dtype, out=buf[:numel].view(self.out_features, self.in_features))
+        out = scratch(self.out_features, self.in_features, dtype, self.qdata.device)
+        return dequantize(self.qw, dtype, out=out)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
