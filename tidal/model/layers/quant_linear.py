@@ -3,7 +3,7 @@
 Owns: `QuantLinear` and the choice of its matmul path, made once at construction from what the
 device's backend can run (`get_backend(device).quant_linear_paths(qw)`, best first, e.g. CPU's
 "int4pack" / "int8pack": torch's packed kernels, kernels/quant_ops.py) and the fallback every device
-has, "dequant": dequantize into a scratch buffer shared by every QuantLinear, then F.linear.
+has, "dequant": dequantize into the scratch buffer every dequantizing matmul shares (quant_ops.scratch), then F.linear.
 A kernel path keeps only the backend's packed layout, not the QuantizedWeight.
 With `dense_min_rows`, a kernel layer also keeps the QuantizedWeight and sends batches of at least
 that many rows down "dequant": the kernels lose to dequantize + bf16 GEMM at a few hundred rows
