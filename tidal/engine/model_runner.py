@@ -58,7 +58,7 @@ class ModelRunner:
             self.model = build_model(hf, self.device, self.dtype, max_position=model_len)
             self._load_weights(verbose, quant)
             if quant is not None:
-                quantize_model(self.model, *quant)
+                quantize_model(self.model, *quant, w8a8=self.config.quant == "w8a8")
             if self.config.quant_head != "none":
                 quantize_head(self.model, self.config.quant_head)
             backend = get_backend(self.device)

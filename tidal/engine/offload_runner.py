@@ -41,11 +41,11 @@ def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verb
     model = build_model(runner.hf_config, torch.device("cpu"), dtype, max_position=max_position)
     tiers = assign_tiers([LayerLayout(layer, shared_tensor_ids(model)).nbytes for layer in model.layers],
                          policy.weights)
-    quantize = (lambda m: quantize_model(m, *quant)) if quant else None
+    quantize = (lambda m: quantize_model(m, *quant, w8a8=config.quant == "w8a8")) if quant else None
     dummy_seed = config.seed if config.load_format == "dummy" else None
     store = None
     if config.offload_dir:
-        quant_name = f"int{quant[0]}g{quant[1]}" if quant else "none"
+        quant_name = (f"int{quant[0]}g{quant[1]}" + ("a8" if config.quant == "w8a8" else "")) if quant else "none"
         store = OffloadStore(config.offload_dir, checkpoint_identity(ckpt, dtype, quant_name, dummy_seed))
     read = (lambda: ckpt.iter_tensors(dtype, keep_quantized=quant)) if quant else (lambda: ckpt.iter_tensors(dtype))
     try:

@@ -1,7 +1,7 @@
 """Perplexity of a model under each compression setting, on a fixed English text that ships with Python.
 
 Owns: the reference text (`pydoc_data.topics`, topics joined in sorted key order), the table of
-configurations (fp32; --quant int8 / int4; --kv-quant int8 / int4), and `perplexity`, which feeds the
+configurations (fp32; --quant int8 / int4 / w8a8; --kv-quant int8 / int4), and `perplexity`, which feeds the
 first `n_tokens` tokens to the engine as one prompt and reads back the prompt logprobs. The prompt
 is prefilled in chunks of `chunk` tokens (--max-num-batched-tokens), each chunk attending to all
 earlier tokens through the paged KV cache, so a quantized cache is read back as a real run reads it.
@@ -27,6 +27,7 @@ CONFIGS = {
     "fp32": {},
     "int8 weights": {"quant": "int8"},
     "int4 weights": {"quant": "int4"},
+    "w8a8": {"quant": "w8a8"},
     "int8 KV": {"kv_quant": "int8"},
     "int4 KV": {"kv_quant": "int4"},
 }

@@ -11,6 +11,11 @@ Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one in
 - "int8vnni": the same for int8 in groups of 32 (`--quant-head int8`: GGUF Q8_0's grid).
 - "int4pack": `_weight_int4pack_mm_for_cpu`; int4, group 32/64/128/256, out % 16 == 0.
 - "int8pack": `_weight_int8pack_mm`; int8 with one group per row.
+- "w8a8" (--quant w8a8 only; never picked for --quant int8, since it also rounds the activations):
+  int8 with one group per row, activations rounded to int8 per token (symmetric), oneDNN's int8 GEMM
+  (`torch._int_mm`: 2x bf16's multiply rate on AVX-512 VNNI), then the per-row and per-token scales.
+  kernels/cpu/w8a8_linear.cpp fuses the rounding and the rescale (1.5-1.75x the bf16 matmul at 64+
+  rows on SmolLM2's shapes, ~2.5x at one row); before the kernels are built the same arithmetic runs in torch ops.
 Both run in bf16: their fp32 code is 10-30x slower (scalar), so fp32 inputs are cast to bf16 and
 the result back; the activations lose bf16 rounding, far below int4/int8 weight error.
 Also `scratch`: the one float buffer per (dtype, device) that every dequantizing matmul writes a
@@ -61,8 +66,22 @@ def cpu_paths(qw) -> tuple[str, ...]:
     if paths:
         return paths
     if qw.bits == 8 and qw.group_size == in_features:
-        return ("int8pack",)
+        return ("int8pack", "w8a8") if _has_int_mm() else ("int8pack",)
     return ()
+
+
+_INT_MM: list[bool] = []
+
+
+def _has_int_mm() -> bool:
+    """Whether this torch has the CPU int8 x int8 -> int32 GEMM ("w8a8")."""
+    if not _INT_MM:
+        try:
+            torch._int_mm(torch.zeros(17, 8, dtype=torch.int8), torch.zeros(8, 8, dtype=torch.int8))
+            _INT_MM.append(True)
+        except (RuntimeError, AttributeError):
+            _INT_MM.append(False)
+    return _INT_MM[0]
 
 
 def pack(qw, path: str) -> tuple:
@@ -76,6 +95,13 @@ def pack(qw, path: str) -> tuple:
         scale, mn = qw.scale.float(), qw.min.float()
         sz = torch.stack([scale, mn + 8 * scale], dim=-1).transpose(0, 1).contiguous()
         return packed, sz.to(_KERNEL_DTYPE), qw.group_size
+    if path == "w8a8":
+        # signed bytes for oneDNN: w = (q - 128) * scale + (min + 128 * scale); the second term is 0 for
+        # --quant w8a8's symmetric rows, and is then left out
+        qint8 = (qw.qdata.to(torch.int16) - 128).to(torch.int8).contiguous()
+        scale, mn = qw.scale.float().view(-1), qw.min.float().view(-1)
+        zero = mn + 128 * scale
+        return qint8, scale.contiguous(), zero if bool(zero.any()) else None
     if path == "int8pack":
         # the kernel is symmetric (w = q * scale); our q is unsigned with a min, so shift q by 128 and
         # add the remainder, x . (min + 128 * scale) per output, after the matmul
@@ -94,6 +120,8 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
             return (ext.int4_gemv if int4 else ext.int8_gemv)(x.contiguous(), q, scale, mn)
         out = scratch(q.shape[0], q.shape[1] * (2 if int4 else 1), x.dtype)
         return F.linear(x, (ext.int4_dequant if int4 else ext.int8_dequant)(q, scale, mn, out))
+    if path == "w8a8":
+        return _w8a8(x, *packed)
     if path == "int4pack":
         weight, scales_and_zeros, group_size = packed
         if x.dtype == _KERNEL_DTYPE:   # the bf16 model's case: no casts (each costs a dispatch at decode)
@@ -102,3 +130,16 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
     qint8, scale, zero = packed
     y = torch.ops.aten._weight_int8pack_mm(x.to(_KERNEL_DTYPE), qint8, scale)
     return torch.addr(y.float(), x.float().sum(-1), zero).to(x.dtype)
+
+
+def _w8a8(x: torch.Tensor, qint8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    ext = cpu_kernels.ready()
+    if ext is not None and hasattr(ext, "w8a8_linear") and x.dtype in (torch.float32, torch.bfloat16):
+        return ext.w8a8_linear(x.contiguous(), qint8, scale, zero)
+    xf = x.float()   # the same arithmetic in torch ops (kernels not built yet, or another dtype)
+    step = xf.abs().amax(-1, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    y = torch._int_mm(torch.round(xf / step).to(torch.int8), qint8.t()).float() * step * scale
+    if zero is not None:
+        y += xf.sum(-1, keepdim=True) * zero
+    return y.to(x.dtype)

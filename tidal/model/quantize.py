@@ -19,7 +19,7 @@ from torch import nn
 
 from tidal.errors import TidalError
 from tidal.model.layers.linear import Linear, MergedLinear
-from tidal.model.layers.quant_linear import QuantLinear
+from tidal.model.layers.quant_linear import QuantLinear, fitting_paths
 from tidal.weights.quant import check_group_size, dequantize, quantize
 
 # int4 in groups of 32: GGUF Q4_1's grid, so re-quantizing the default model (smollm2, Q4_1) from fp32
@@ -28,7 +28,8 @@ from tidal.weights.quant import check_group_size, dequantize, quantize
 # int8 per row runs torch's int8 kernel; int8 in groups could only take the dequantize path, 5-10x
 # slower at decode.
 DEFAULT_GROUP_SIZE = {4: 32, 8: None}
-_BITS = {"int8": 8, "int4": 4}
+_BITS = {"int8": 8, "int4": 4, "w8a8": 8}
+W8A8_PATH = "w8a8"   # QuantLinear's path for --quant w8a8 (kernels/quant_ops.py)
 
 
 def resolve_quantization(quant: str, stored: dict | None) -> tuple[int, int | None] | None:
@@ -38,7 +39,8 @@ def resolve_quantization(quant: str, stored: dict | None) -> tuple[int, int | No
     which wins: --quant may be left out (none) or repeat it, but not ask for another format."""
     if stored is not None:
         bits, group_size = stored["bits"], stored["group_size"]
-        if quant not in ("none", f"int{bits}"):
+        same = ("none", f"int{bits}") + (("w8a8",) if (bits, group_size) == (8, None) else ())
+        if quant not in same:
             raise TidalError(f"--quant {quant} conflicts with the checkpoint, which is already quantized to "
                              f"int{bits} (group size {group_size or 'per row'}); leave --quant out, or quantize "
                              "the original checkpoint again with `tidal quantize`", param="quant")
@@ -46,7 +48,7 @@ def resolve_quantization(quant: str, stored: dict | None) -> tuple[int, int | No
     if quant == "none":
         return None
     if quant not in _BITS:
-        raise TidalError(f"--quant {quant} is not supported; use int8 or int4", param="quant")
+        raise TidalError(f"--quant {quant} is not supported; use int8, int4 or w8a8", param="quant")
     return _BITS[quant], DEFAULT_GROUP_SIZE[_BITS[quant]]
 
 
@@ -79,14 +81,22 @@ def _one_thread():
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
-                   scale_dtype: torch.dtype = torch.float16, dense_min_rows: int | None = None) -> dict[str, str]:
+                   scale_dtype: torch.dtype = torch.float16, dense_min_rows: int | None = None,
+                   w8a8: bool = False) -> dict[str, str]:
     """Replace the model's Linear/MergedLinear modules by QuantLinear; returns {module name: matmul path}.
 
     `group_size`: 0 picks the default for `bits` (int4: 32, int8: one group per row); None is one
     group per row. `dense_min_rows`: see QuantLinear (trades memory for prefill speed).
+    `w8a8` (--quant w8a8; int8 per row): weights rounded symmetric per row, and every matmul also
+    rounds its activations to int8 per token (path "w8a8"); refused where no backend runs it.
     """
     # check them all before changing any, so a bad size leaves the model whole
     group_size = check_group_sizes(model, bits, group_size)
+    path = None
+    if w8a8:
+        if (bits, group_size) != (8, None):
+            raise TidalError("--quant w8a8 needs int8 weights with one scale per row", param="quant")
+        path = W8A8_PATH
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
     paths = {}
     with _one_thread():
@@ -96,10 +106,13 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
                 dequantize(qw, m.weight.dtype, out=m.weight.data)  # another format: requantize from floats
                 qw = None
             if qw is None:
-                qw = quantize(m.weight.data, bits, group_size, scale_dtype)
+                qw = quantize(m.weight.data, bits, group_size, scale_dtype, symmetric=w8a8)
+            if path is not None and path not in fitting_paths(qw, qw.qdata.device):
+                raise TidalError(f"--quant w8a8 has no kernel on {qw.qdata.device} (it runs on CPU: oneDNN's int8 "
+                                 "GEMM); use --quant int8 there", param="quant")
             bias = None if m.bias is None else m.bias.data
             out_sizes = m.out_sizes if isinstance(m, MergedLinear) else None
-            q = QuantLinear(qw, bias, out_sizes, dense_min_rows=dense_min_rows)
+            q = QuantLinear(qw, bias, out_sizes, path=path, dense_min_rows=dense_min_rows)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
             paths[name] = q.path
@@ -115,6 +128,7 @@ def quantize_head(model: nn.Module, bits: int | str = 4, group_size: int = 32,
     head at one row: 4.0 vs 4.4 ms on one thread), so elsewhere it is refused; int4 runs anywhere
     torch's int4 kernel does."""
     from tidal.model.layers.embedding import LMHead
+    w8a8 = bits == "w8a8"   # per row, and the activations rounded per token too (quantize_model's w8a8)
     bits = _BITS[bits] if isinstance(bits, str) else bits   # the --quant-head value, or bits
     head = getattr(model, "lm_head", None)
     if not isinstance(head, LMHead):
@@ -127,8 +141,10 @@ def quantize_head(model: nn.Module, bits: int | str = 4, group_size: int = 32,
     except ValueError as e:
         raise TidalError(f"--quant-head int{bits}: {e}", param="quant_head") from None
     with _one_thread():
-        qw = quantize(head.weight.data, bits, group_size, scale_dtype, symmetric=bits == 8)
-    q = QuantLinear(qw, None if head.bias is None else head.bias.data)
+        qw = quantize(head.weight.data, bits, None if w8a8 else group_size, scale_dtype, symmetric=bits == 8)
+    if w8a8 and W8A8_PATH not in fitting_paths(qw, qw.qdata.device):
+        raise TidalError(f"--quant-head w8a8 has no kernel on {qw.qdata.device} (CPU only)", param="quant_head")
+    q = QuantLinear(qw, None if head.bias is None else head.bias.data, path=W8A8_PATH if w8a8 else None)
     if q.path == "dequant":   # dequantizing the whole head every step would be slower than the float head
         need = " (int8 needs tidal's CPU kernels built on a CPU with AVX-512 VNNI; int4 runs on torch's kernel)" \
             if bits == 8 else ""

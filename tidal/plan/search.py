@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
+from tidal.config import weight_format
 from tidal.errors import TidalError
 from tidal.plan.cost_model import CostModel, Prediction, predict
 from tidal.plan.hardware import HardwareProfile
@@ -152,12 +153,13 @@ def choose_policy(hf_config, engine_config, prompt_len: int, gen_len: int, profi
     dtype = engine_config.torch_dtype
     max_batch = max_batch or engine_config.max_num_seqs
     limits = limits_for(engine_config, profile, disk_limit)
-    full = Policy(batch_size=max_batch, quant=engine_config.quant, kv_quant=engine_config.kv_quant)
+    wq = weight_format(engine_config.quant)
+    full = Policy(batch_size=max_batch, quant=wq, kv_quant=engine_config.kv_quant)
     pred = predict(spec, profile, dtype, prompt_len, gen_len, full, limits)
     if fits(pred, limits):
         return full, pred
     comp = ("none", "int8", "int4") if allow_compression else ("none",)
-    quants = (engine_config.quant,) if engine_config.quant != "none" else comp
+    quants = (wq,) if wq != "none" else comp
     kv_quants = (engine_config.kv_quant,) if engine_config.kv_quant != "none" else comp
     # weights may stream from a safetensors checkpoint mapped in place, but KV files need --offload-dir
     tiers = RUNNER_TIERS if engine_config.offload_dir else {**RUNNER_TIERS, "kv": ("device", "host")}

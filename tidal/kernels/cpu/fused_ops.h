@@ -1,4 +1,4 @@
-// CPU ops defined in fused_ops.cpp, rms_norm.cpp and prefill_bf16.cpp, bound to Python in paged_decode.cpp.
+// The CPU ops of this extension, one declaration per op, bound to Python in bindings.cpp.
 #pragma once
 #include <torch/extension.h>
 
@@ -13,6 +13,8 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch
 torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, torch::Tensor out);
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch::Tensor m);
 torch::Tensor int8_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, torch::Tensor out);
+// w8a8_linear.cpp: int8 weights x int8 activations rounded per row, oneDNN's int8 GEMM
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> wz);
 // paged_decode.cpp
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale);

@@ -110,6 +110,20 @@ static inline __m512 reduce16(const __m512* v) {
 
 
 // D head dim (multiple of 32), G query heads per KV head
+// A token's K or V row holds every KV head (the cache is [block, slot, KV head, D]). Work items run
+// (sequence, KV head) in order, so the first head's pass fetches the whole row from memory (one
+// contiguous read, into L2) and the later heads find their part there: three strided passes over
+// DRAM read at half the bandwidth of one sequential one.
+constexpr int64_t PREFETCH_AHEAD = 32;   // tokens
+
+template <int D>
+static inline void prefetch_row(const char* p, int64_t kh, int64_t KVH) {
+  if (kh == 0) {
+    for (int64_t c = 0; c < KVH * D * 2; c += 64) _mm_prefetch(p + c, _MM_HINT_T1);
+  }
+  for (int c = 0; c < D * 2; c += 64) _mm_prefetch(p + c, _MM_HINT_T0);
+}
+
 template <int D, int G>
 static void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, const c10::BFloat16* v, const int64_t* tables,
                               const int64_t* lens, c10::BFloat16* out, int64_t KVH, int64_t BS, int64_t MB, float scale,
@@ -119,9 +133,13 @@ static void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, co
   const int64_t H = KVH * G, row = KVH * D;
   {
     std::vector<float> scores;
+    std::vector<int64_t> slot;   // each token's row in the cache, walked block by block (no division per token)
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, kh = idx % KVH, L = lens[b];
       const int64_t* tab = tables + b * MB;
+      slot.resize(L);
+      for (int64_t t0 = 0, blk = 0; t0 < L; t0 += BS, ++blk)
+        for (int64_t t = t0, base = tab[blk] * BS - t0; t < std::min(L, t0 + BS); ++t) slot[t] = base + t;
       const uint16_t* qb = reinterpret_cast<const uint16_t*>(q) + (b * H + kh * G) * D;
       __m512bh qv[G][NQ];
       for (int g = 0; g < G; ++g)
@@ -135,11 +153,11 @@ static void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, co
         const int n = std::min<int64_t>(16, L - t0);
         for (int i = 0; i < 16; ++i) {
           const int64_t t = t0 + std::min(i, n - 1);
-          kp[i] = kbase + (tab[t / BS] * BS + t % BS) * row;
+          kp[i] = kbase + slot[t] * row;
           // blocks are scattered, so the hardware prefetcher cannot guess the next tile: ask for it
-          const int64_t tn = std::min(t + 16, L - 1);
-          const char* next = reinterpret_cast<const char*>(kbase + (tab[tn / BS] * BS + tn % BS) * row);
-          for (int c = 0; c < D * 2; c += 64) _mm_prefetch(next + c, _MM_HINT_T0);
+          const int64_t tn = std::min(t + PREFETCH_AHEAD, L - 1);
+          const char* next = reinterpret_cast<const char*>(kbase + slot[tn] * row);
+          prefetch_row<D>(next, kh, KVH);
         }
         for (int g = 0; g < G; ++g) {
           __m512 acc[16];
@@ -158,10 +176,10 @@ static void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, co
         for (int j = 0; j < NV; ++j) acc[g][j] = _mm512_setzero_ps();
       const uint16_t* vbase = reinterpret_cast<const uint16_t*>(v) + kh * D;
       for (int64_t t = 0; t < L; ++t) {
-        const uint16_t* vp = vbase + (tab[t / BS] * BS + t % BS) * row;
-        const int64_t tn = std::min(t + 16, L - 1);
-        const char* vnext = reinterpret_cast<const char*>(vbase + (tab[tn / BS] * BS + tn % BS) * row);
-        for (int c = 0; c < D * 2; c += 64) _mm_prefetch(vnext + c, _MM_HINT_T0);
+        const uint16_t* vp = vbase + slot[t] * row;
+        const int64_t tn = std::min(t + PREFETCH_AHEAD, L - 1);
+        const char* vnext = reinterpret_cast<const char*>(vbase + slot[tn] * row);
+        prefetch_row<D>(vnext, kh, KVH);
         __m512 vf[NV];
         for (int j = 0; j < NV; ++j) vf[j] = bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + j * 16)));
         for (int g = 0; g < G; ++g) {
@@ -299,19 +317,4 @@ void paged_decode_attention_range(const torch::Tensor& q, const torch::Tensor& k
   if (D == 64) with_g(std::integral_constant<int, 64>{});
   else with_g(std::integral_constant<int, 128>{});
 #endif
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
-  m.def("add_rms_norm", &add_rms_norm, "out = rmsnorm(x + residual) * w, residual <- x + residual in place (rms_norm.cpp)");
-  m.def("prefill_attention_bf16", &prefill_attention_bf16,
-        "one sequence's causal prefill over a bf16 paged cache, or None where unsupported (prefill_bf16.cpp)");
-  m.def("silu_and_mul", &silu_and_mul, "[rows, 2I] -> silu(gate) * up");
-  m.def("rotary_", &rotary_, "rotate q and k in place (NeoX layout) at positions");
-  m.def("int4_gemv_supported", &int4_gemv_supported, "whether int4_gemv has its AVX-512 VNNI path here");
-  m.def("int4_gemv", &int4_gemv, "x [rows, in] @ int4 weight.T, weights read packed (int4_linear.cpp)");
-  m.def("int4_dequant", &int4_dequant, "int4 weight -> float weight into out (int4_linear.cpp)");
-  m.def("int8_gemv", &int8_gemv, "x [rows, in] @ int8 (group 32) weight.T, weights read as stored (int4_linear.cpp)");
-  m.def("int8_dequant", &int8_dequant, "int8 (group 32) weight -> float weight into out (int4_linear.cpp)");
-  bind_decode_stack(m);
 }

@@ -1,0 +1,109 @@
+"""--quant w8a8 (kernels/cpu/w8a8_linear.cpp, quant_ops' "w8a8" path): the kernel computes exactly its
+stated arithmetic (activations rounded to int8 per row, int32 products, per-row and per-token scales,
+the zero-point term where the weights have one), its torch fallback agrees, quantize_model / quantize_head
+put it where asked and only there, and a whole model under it stays close to the float model."""
+import pytest
+import torch
+import transformers
+
+from model_utils import all_logits, make_runner
+from tidal.config import EngineConfig, weight_format
+from tidal.errors import TidalError
+from tidal.kernels import cpu, quant_ops
+from tidal.model.quantize import quantize_head, quantize_model, resolve_quantization
+from tidal.weights.quant import dequantize, quantize
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = cpu.load()
+    assert e is not None, "the CPU kernels failed to build (see stderr)"
+    if not quant_ops._has_int_mm():
+        pytest.skip("this torch has no CPU int8 GEMM (torch._int_mm)")
+    return e
+
+
+def _arithmetic(x, qw):
+    """What w8a8_linear states it computes, in float64: x rounded to int8 steps of max|x|/127 per row,
+    times the weight as signed bytes (q - 128) * scale, plus (min + 128 * scale) * the row's exact sum."""
+    xf = x.float()
+    step = xf.abs().amax(-1, keepdim=True) / 127                   # fp32, as the kernel rounds
+    xi = torch.round(xf * torch.where(step > 0, 1 / step, 0)).double()
+    q = qw.qdata.double() - 128
+    scale, mn = qw.scale.double().view(1, -1), qw.min.double().view(1, -1)
+    return (xi @ q.T) * step.double() * scale + xf.double().sum(-1, keepdim=True) * (mn + 128 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("rows", [1, 17, 300])          # 300: several row tiles (128 each)
+def test_kernel_is_its_stated_arithmetic(ext, dtype, symmetric, rows):
+    g = torch.Generator().manual_seed(rows)
+    n, k = 5000, 192                                    # 5000 columns: several column tiles, and a ragged one
+    qw = quantize(torch.randn(n, k, generator=g) * 0.05 + 0.01, 8, None, symmetric=symmetric)
+    packed = quant_ops.pack(qw, "w8a8")
+    assert (packed[2] is None) == symmetric             # symmetric rows: no zero-point term at all
+    x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
+    x[0] = 0                                            # an all-zero row: step 1, output 0 (+ nothing)
+    got = quant_ops.matmul(x, "w8a8", packed)
+    want = _arithmetic(x, qw)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 1e-5  # one output rounding to bf16; fp32 summation order
+    # -ffast-math may round x * (1 / step) a hair differently from torch, so an activation within 1e-5 of
+    # a .5 tie (bf16 inputs make them common) may land on the neighbouring int8 step: allow one per tie
+    step = x.float().abs().amax(-1, keepdim=True) / 127
+    scaled = x.float() * torch.where(step > 0, 1 / step, 0)
+    ties = ((scaled - scaled.floor() - 0.5).abs() < 1e-5).sum(-1, keepdim=True)
+    flips = (ties * step).double() * dequantize(qw).double().abs().amax(-1).view(1, -1)
+    assert ((got.double() - want).abs() <= want.abs() * ulp + 1e-3 + flips).all()
+    assert (got[0] == 0).all() if symmetric else True
+
+
+def test_torch_fallback_agrees_with_the_kernel(ext, monkeypatch):
+    qw = quantize(torch.randn(300, 128), 8, None)
+    packed = quant_ops.pack(qw, "w8a8")
+    x = torch.randn(40, 128)                            # fp32: no .5 ties in the rounding (see above)
+    kernel = quant_ops.matmul(x, "w8a8", packed)
+    monkeypatch.setattr(cpu, "ready", lambda: None)     # kernels not built yet
+    fallback = quant_ops.matmul(x, "w8a8", packed)
+    torch.testing.assert_close(fallback, kernel, rtol=1e-5, atol=1e-4)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def test_w8a8_model_and_head_stay_close_to_float(ext):
+    runner = make_runner(_tiny())
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 40)]
+    ref = torch.cat(all_logits(runner, prompts))
+    paths = quantize_model(runner.model, 8, None, w8a8=True)
+    assert set(paths.values()) == {"w8a8"}
+    assert quantize_head(runner.model, "w8a8") == "w8a8"
+    got = torch.cat(all_logits(runner, prompts))
+    err, span = (got - ref).abs().max().item(), (ref.max() - ref.min()).item()
+    assert 0 < err <= 0.05 * span, (err, span)
+
+
+def test_plain_int8_never_rounds_activations(ext):
+    runner = make_runner(_tiny())
+    assert "w8a8" not in set(quantize_model(runner.model, 8, None).values())
+
+
+def test_flags_and_formats():
+    EngineConfig(model="m", quant="w8a8", quant_head="w8a8")   # accepted
+    with pytest.raises(TidalError, match="w8a8"):
+        EngineConfig(model="m", quant="w4a4")
+    assert weight_format("w8a8") == "int8" and weight_format("int4") == "int4"
+    assert resolve_quantization("w8a8", None) == (8, None)
+    assert resolve_quantization("w8a8", {"bits": 8, "group_size": None}) == (8, None)
+    with pytest.raises(TidalError, match="conflicts"):      # a GGUF / `tidal quantize` int4 checkpoint
+        resolve_quantization("w8a8", {"bits": 4, "group_size": 32})
+    with pytest.raises(TidalError, match="one scale per row"):
+        quantize_model(make_runner(_tiny()).model, 8, 32, w8a8=True)

@@ -1,0 +1,20 @@
+// The Python bindings of every CPU op (declared in fused_ops.h), one module for the whole extension.
+#include <torch/extension.h>
+#include "fused_ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("add_rms_norm", &add_rms_norm, "out = rmsnorm(x + residual) * w, residual <- x + residual in place (rms_norm.cpp)");
+  m.def("prefill_attention_bf16", &prefill_attention_bf16,
+        "one sequence's causal prefill over a bf16 paged cache, or None where unsupported (prefill_bf16.cpp)");
+  m.def("silu_and_mul", &silu_and_mul, "[rows, 2I] -> silu(gate) * up");
+  m.def("rotary_", &rotary_, "rotate q and k in place (NeoX layout) at positions");
+  m.def("int4_gemv_supported", &int4_gemv_supported, "whether int4_gemv has its AVX-512 VNNI path here");
+  m.def("int4_gemv", &int4_gemv, "x [rows, in] @ int4 weight.T, weights read packed (int4_linear.cpp)");
+  m.def("int4_dequant", &int4_dequant, "int4 weight -> float weight into out (int4_linear.cpp)");
+  m.def("int8_gemv", &int8_gemv, "x [rows, in] @ int8 (group 32) weight.T, weights read as stored (int4_linear.cpp)");
+  m.def("int8_dequant", &int8_dequant, "int8 (group 32) weight -> float weight into out (int4_linear.cpp)");
+  m.def("w8a8_linear", &w8a8_linear,
+        "x [rows, in] @ int8 weight.T with x rounded to int8 per row, oneDNN's int8 GEMM (w8a8_linear.cpp)");
+  bind_decode_stack(m);
+}
