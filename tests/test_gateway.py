@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("envoy")
 pytest.importorskip("grpclib")
 
-from tidal.fleet import envoy_config, ext_proc  # noqa: E402
+from tidal.fleet import addresses, envoy_config, ext_proc  # noqa: E402
 from tidal.fleet.gateway import Gateway, GatewaySettings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,7 +290,7 @@ def test_config_has_no_response_timeout_and_one_retry():
     assert eps[0]["endpoint"]["address"]["socket_address"] == {"address": "localhost", "port_value": 1}
     cfg = envoy_config.bootstrap(["10.0.0.1:8000", "[::1]:8001"], envoy_config.GatewayPorts(1, 2, 3))
     assert cfg["static_resources"]["clusters"][1]["type"] == "STATIC"
-    assert envoy_config.resolve_endpoint("localhost:5") == "127.0.0.1:5"
+    assert addresses.resolve_endpoint("localhost:5") == "127.0.0.1:5"
 
 
 def _children(pid: int) -> list[int]:

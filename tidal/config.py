@@ -188,7 +188,8 @@ ENGINE_FLAGS = [
                    "token: oneDNN's int8 GEMM, ~1.7x bf16's matmul speed on AVX-512 VNNI CPUs for batches; CPU only; "
                    "SmolLM2 perplexity +4%%, so opt-in)"),
     ("quant_head", str, "LM head quantization, group 32: none (default: the checkpoint's precision), int8 "
-                        "(symmetric, GGUF Q8_0's grid; needs AVX-512 VNNI) or int4 (perplexity +5.5%% on SmolLM2); "
+                        "(symmetric, GGUF Q8_0's grid; needs AVX-512 VNNI), int4 (perplexity +5.5%% on SmolLM2) or "
+                        "w8a8 (per row, activations rounded per token: for batches; CPU only); "
                         "a bf16 head is ~1/3 of an int4 model's batch-1 decode step"),
     ("kv_quant", str, "KV cache quantization: none, int8, int4"),
     ("device_mem", str, "device memory budget, e.g. 16GiB"),

@@ -11,7 +11,7 @@ Routing (docs/fleet.md seam 4). The EPP names the replica in the `x-gateway-dest
 header and in `envoy.lb` dynamic metadata, plus one fallback under
 `envoy.lb/x-gateway-destination-endpoint-fallback` (the Gateway API Inference Extension's endpoint
 picker protocol). The replicas' cluster holds the known replicas (STATIC for IPs, STRICT_DNS for
-names, so a restarted pod's new address is picked up), with Envoy's
+names, so a restarted pod's new address is picked up; EDS from a file for --replicas-file), with Envoy's
 `override_host` load-balancing policy reading those two sources in order: the first attempt goes to
 the picked replica, the retry to the fallback. An `ORIGINAL_DST` cluster (`use_http_header`) cannot
 do that: it takes its one address from the header, so a retry goes back to the same refused replica.
@@ -26,11 +26,11 @@ Must not: start processes (gateway.py does), import the EPP, or know anything ab
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.errors import TidalError
+from tidal.fleet.addresses import is_ip, socket_address
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 FALLBACK_KEY = "x-gateway-destination-endpoint-fallback"
@@ -58,39 +58,6 @@ def envoy_binary() -> str:
     return str(path)
 
 
-def is_ip(host: str) -> bool:
-    host = host.strip("[]")
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-        return True
-    except OSError:
-        return False
-
-
-def _join(ip: str, port: str) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-def resolve_endpoint(endpoint: str) -> str:
-    """'host:port' -> 'IP:port' (IPv6 in brackets; IPv4 first, as the cluster's DNS lookups):
-    Envoy matches override hosts by address only."""
-    host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
-    if is_ip(host):
-        return _join(host, port)
-    for family in (socket.AF_INET, socket.AF_UNSPEC):
-        try:
-            return _join(socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM)[0][4][0], port)
-        except (OSError, ValueError) as e:
-            err = e
-    raise TidalError(f"cannot resolve replica address {endpoint!r}: {err}")
-
-
-def _address(endpoint: str) -> dict:
-    host, _, port = endpoint.rpartition(":")
-    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
-
-
 def _openai_error(code: int | str, message: str, type_: str) -> dict:
     """OpenAI's error shape, with the types tidal's server uses (tidal/server/errors.py)."""
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
@@ -116,16 +83,23 @@ class Timeouts:
 
 
 def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | None = None,
-              max_body_bytes: int = 16 << 20) -> dict:
-    """Envoy's bootstrap for the gateway. `replicas`: 'host:port' of every replica (resolved to IPs)."""
+              max_body_bytes: int = 16 << 20, eds_path: str | None = None) -> dict:
+    """Envoy's bootstrap for the gateway. `replicas`: 'host:port' of every replica (resolved to IPs).
+    `eds_path`: the replicas come from that EDS file instead (--replicas-file; replica_set.py writes it)."""
     t = timeouts or Timeouts()
-    if not replicas:
+    if eds_path is not None:   # a set that changes while running: Envoy follows the file
+        kind = {"type": "EDS", "eds_cluster_config": {"eds_config": {
+            "path_config_source": {"path": eds_path}, "resource_api_version": "V3"}}}
+    elif not replicas:
         raise TidalError("the gateway needs at least one replica")
-    # Names (Kubernetes pod DNS) stay names: Envoy re-resolves them (a restarted pod gets a new IP),
-    # and the EPP's answers are resolved the same way (IPv4 first). Plain IPs: a static cluster.
-    dns = not all(is_ip(r.rpartition(":")[0]) for r in replicas)
-    kind = {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED", "dns_refresh_rate": "5s",
-            "respect_dns_ttl": True} if dns else {"type": "STATIC"}
+    else:
+        # Names (Kubernetes pod DNS) stay names: Envoy re-resolves them (a restarted pod gets a new IP),
+        # and the EPP's answers are resolved the same way (IPv4 first). Plain IPs: a static cluster.
+        dns = not all(is_ip(r.rpartition(":")[0]) for r in replicas)
+        kind = {"type": "STRICT_DNS", "dns_lookup_family": "V4_PREFERRED", "dns_refresh_rate": "5s",
+                "respect_dns_ttl": True} if dns else {"type": "STATIC"}
+        kind["load_assignment"] = {"cluster_name": REPLICA_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": socket_address(r)}} for r in replicas]}]}
 
     def secs(s: float) -> str:
         return f"{s:g}s"
@@ -210,7 +184,8 @@ def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | Non
     many = {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
                             "max_requests": 100000, "max_retries": 1000}]}
     return {
-        "admin": {"address": _address(f"127.0.0.1:{ports.admin}")},
+        "node": {"id": "tidal-gateway", "cluster": "tidal"},   # file-based EDS requires a node identity
+        "admin": {"address": socket_address(f"127.0.0.1:{ports.admin}")},
         "static_resources": {
             "listeners": [{
                 "name": "tidal_gateway",
@@ -224,7 +199,7 @@ def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | Non
                     "name": EPP_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
                     "typed_extension_protocol_options": h2, "circuit_breakers": many,
                     "load_assignment": {"cluster_name": EPP_CLUSTER, "endpoints": [{"lb_endpoints": [
-                        {"endpoint": {"address": _address(f"127.0.0.1:{ports.epp_grpc}")}}]}]},
+                        {"endpoint": {"address": socket_address(f"127.0.0.1:{ports.epp_grpc}")}}]}]},
                 },
                 {
                     "name": REPLICA_CLUSTER, **kind, "connect_timeout": secs(t.connect_s),
@@ -243,8 +218,6 @@ def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | Non
                                 "name": "envoy.load_balancing_policies.round_robin",
                                 "typed_config": {"@type": _T + "load_balancing_policies.round_robin.v3.RoundRobin"}}}]},
                         }}}]},
-                    "load_assignment": {"cluster_name": REPLICA_CLUSTER, "endpoints": [{"lb_endpoints": [
-                        {"endpoint": {"address": _address(r)}} for r in replicas]}]},
                 },
             ],
         },

@@ -33,7 +33,8 @@ with warnings.catch_warnings():   # envoy_data_plane's generated code trips pyda
     from envoy_data_plane.google.protobuf import Struct
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from tidal.fleet.envoy_config import DESTINATION_HEADER, FALLBACK_KEY, LB_NAMESPACE, is_ip, resolve_endpoint
+from tidal.fleet.addresses import is_ip, resolve_endpoint
+from tidal.fleet.envoy_config import DESTINATION_HEADER, FALLBACK_KEY, LB_NAMESPACE
 
 from tidal.fleet.epp.request import RejectedError, RoutingRequest
 

@@ -3,7 +3,8 @@
 Owns: building the picker over the replicas,
 starting the EPP's ext_proc gRPC server and its `/metrics` + `/health` port (ext_proc.py), writing
 Envoy's bootstrap (envoy_config.py) into a temp dir, starting Envoy and waiting until it is ready
-(admin `/ready`), and stopping both (`Gateway`). With `epp_only` it runs just the EPP, for a gateway
+(admin `/ready`), and stopping both (`Gateway`). With --replicas-file it applies every change of
+that file (replica_set.py) to the picker, the replicas the EPP may name, and Envoy's EDS file. With `epp_only` it runs just the EPP, for a gateway
 already running elsewhere (Istio, Envoy Gateway, GKE). The subcommand's flags and its run-until-signalled
 loop are in gateway_cli.py.
 Lifetime: Envoy runs in its own session (Ctrl-C reaches the gateway, which stops Envoy first, then
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -27,7 +29,10 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from tidal.errors import TidalError
+from tidal.fleet import replica_set
+from tidal.fleet.addresses import resolve_endpoint
 
+log = logging.getLogger("tidal.fleet")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -39,26 +44,19 @@ def die_with_parent(sig: int = signal.SIGKILL):
     return preexec
 
 
-def endpoint_of(url: str) -> str:
-    """'http://host:port/...' or 'host:port' -> 'host:port'."""
-    rest = url.split("://", 1)[-1].split("/", 1)[0]
-    if ":" not in rest.lstrip("[").split("]")[-1]:
-        raise TidalError(f"replica {url!r} has no port (expected http://HOST:PORT)")
-    return rest
-
-
-def build_picker(replicas: list[str], kv_events: list[str], config: str | None, registry):
+def build_picker(replicas: list[str], kv_events: list[str], config: str | None, registry, dynamic: bool = False):
     """The endpoint picker (tidal/fleet/epp/, docs/fleet.md seam 3) over `replicas` ('host:port'),
     each with its KV events endpoint when given; `--config` for the rest (replicas given here
-    replace the file's endpoints). Its metrics go to `registry`, beside the ext_proc server's."""
+    replace the file's endpoints). Its metrics go to `registry`, beside the ext_proc server's.
+    `dynamic` (--replicas-file): the set may start empty and fill later."""
     from tidal.fleet.epp import EndpointPicker, EndpointSpec, load_config
     specs = [EndpointSpec(r, kv_events=kv) for r, kv in zip(replicas, kv_events or [None] * len(replicas))]
     try:
         cfg = load_config(config, endpoints=specs or None)
     except (OSError, ValueError) as e:
         raise TidalError(f"--config {config}: {e}") from None
-    if not cfg.endpoints:
-        raise TidalError("no replicas: give --replica URL (or endpoints in --config)")
+    if not cfg.endpoints and not dynamic:
+        raise TidalError("no replicas: give --replica URL, --replicas-file FILE, or endpoints in --config")
     return EndpointPicker(cfg, registry=registry)
 
 
@@ -76,6 +74,7 @@ class GatewaySettings:
     epp_only: bool = False
     envoy_concurrency: int | None = None
     envoy_log_level: str = "warn"
+    replicas_file: str | None = None       # the replica set follows this file (replica_set.py)
 
 
 class Gateway:
@@ -85,8 +84,11 @@ class Gateway:
         self.s = settings
         self.picker = picker
         self.envoy: subprocess.Popen | None = None
-        self._grpc = self._http = None
+        self._grpc = self._http = self._watcher = None
         self._dir: str | None = None
+        self._known: set[str] | None = None    # the ext_proc server's known replicas (None: any)
+        self._eds: str | None = None           # Envoy's EDS file, with --replicas-file
+        self._eds_version = 0
 
     @property
     def url(self) -> str:
@@ -102,8 +104,13 @@ class Gateway:
             raise TidalError(f"the gateway's EPP needs envoy-data-plane and grpclib (Python 3.11+): {e}") from None
         try:
             registry = CollectorRegistry()
+            entries = None
+            if self.s.replicas_file:
+                entries = replica_set.read_replicas_file(self.s.replicas_file)
+                self.s.replicas, self.s.kv_events = [a for a, _ in entries], [kv for _, kv in entries]
             if self.picker is None:
-                self.picker = build_picker(self.s.replicas, self.s.kv_events, self.s.config, registry)
+                self.picker = build_picker(self.s.replicas, self.s.kv_events, self.s.config, registry,
+                                           dynamic=entries is not None)
                 if not self.s.replicas:
                     self.s.replicas = [e.address for e in self.picker.config.endpoints]
             start = getattr(self.picker, "start", None)
@@ -112,15 +119,22 @@ class Gateway:
             metrics = ext_proc.EppMetrics(registry)
             pool = getattr(self.picker, "pool", None)
             healthy = (lambda: bool(pool.healthy())) if pool is not None else (lambda: True)
-            known = None if self.s.epp_only else set(self.s.replicas)
-            self._grpc = await ext_proc.start_grpc(self.picker, self.s.epp_host, self.s.epp_port, metrics, known)
+            self._known = None if self.s.epp_only else set(self.s.replicas)
+            self._grpc = await ext_proc.start_grpc(self.picker, self.s.epp_host, self.s.epp_port, metrics, self._known)
             self._http = await ext_proc.start_http(self.s.epp_host, self.s.metrics_port, registry, healthy)
+            if entries is not None:
+                self._watcher = replica_set.ReplicaFileWatcher(self.s.replicas_file, self._apply, entries)
             if self.s.epp_only:
+                if self._watcher is not None:
+                    self._watcher.start()
                 return
             ports = envoy_config.GatewayPorts(self.s.port, self.s.epp_port, self.s.admin_port, self.s.host)
-            config = envoy_config.bootstrap(self.s.replicas, ports)
             binary = envoy_config.envoy_binary()
             self._dir = tempfile.mkdtemp(prefix="tidal-gateway-")
+            if entries is not None:
+                self._eds = os.path.join(self._dir, "replicas_eds.json")
+                self._write_eds(self.s.replicas)
+            config = envoy_config.bootstrap(self.s.replicas, ports, eds_path=self._eds)
             path = os.path.join(self._dir, "envoy.yaml")
             with open(path, "w") as f:
                 f.write(envoy_config.to_yaml(config))
@@ -131,9 +145,43 @@ class Gateway:
             self.envoy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
                                           preexec_fn=die_with_parent())
             await self._wait_ready(ready_timeout)
+            if self._watcher is not None:
+                self._watcher.start()
         except BaseException:
             await self.stop()
             raise
+
+    def _write_eds(self, replicas: list[str]) -> None:
+        from tidal.fleet.envoy_config import REPLICA_CLUSTER
+        self._eds_version += 1
+        replica_set.write_eds(self._eds, REPLICA_CLUSTER, [resolve_endpoint(r) for r in replicas], self._eds_version)
+
+    def _apply(self, entries: list[replica_set.Entry]) -> None:
+        """--replicas-file changed: the picker, the known set and Envoy's EDS file follow it. A replica
+        whose name does not resolve is left out (with a warning) until the file changes again."""
+        from tidal.fleet.epp import EndpointSpec
+        wanted = {}
+        for address, kv in entries:
+            try:
+                resolve_endpoint(address)
+            except TidalError as e:
+                log.warning("--replicas-file: %s; leaving it out", e)
+                continue
+            wanted[address] = kv
+        have = dict(zip(self.s.replicas, self.s.kv_events or [None] * len(self.s.replicas)))
+        if hasattr(self.picker, "add_endpoint"):   # (a test's stand-in picker routes on its own)
+            for address in [a for a in have if wanted.get(a, "-") != have[a]]:   # gone, or its KV events moved
+                self.picker.remove_endpoint(address)
+            for address, kv in wanted.items():
+                if have.get(address, "-") != kv:
+                    self.picker.add_endpoint(EndpointSpec(address, kv_events=kv))
+        self.s.replicas, self.s.kv_events = list(wanted), list(wanted.values())
+        if self._known is not None:
+            self._known.clear()
+            self._known.update(wanted)
+        if self._eds is not None:
+            self._write_eds(self.s.replicas)
+        log.info("replicas now: %s", ", ".join(self.s.replicas) or "none")
 
     async def _wait_ready(self, timeout: float) -> None:
         url = f"http://127.0.0.1:{self.s.admin_port}/ready"
@@ -163,6 +211,9 @@ class Gateway:
 
     async def stop(self) -> None:
         """Envoy first (no new requests reach a stopped EPP), then the EPP's servers."""
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
         if self.envoy is not None and self.envoy.poll() is None:
             self.envoy.terminate()
             try:

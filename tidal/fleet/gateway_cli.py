@@ -13,7 +13,8 @@ import signal
 import sys
 
 from tidal.errors import TidalError
-from tidal.fleet.gateway import Gateway, GatewaySettings, endpoint_of
+from tidal.fleet.addresses import endpoint_of
+from tidal.fleet.gateway import Gateway, GatewaySettings
 
 
 def port(text: str) -> int:
@@ -60,7 +61,8 @@ def print_ready(s: GatewaySettings, url: str) -> None:
         print(f"tidal gateway: EPP ext_proc on grpc://{s.epp_host}:{s.epp_port} "
               f"(metrics http://{s.epp_host}:{s.metrics_port}/metrics)", flush=True)
     else:
-        print(f"tidal gateway: {url} -> {len(s.replicas)} replica(s) "
+        follow = f", following {s.replicas_file}" if s.replicas_file else ""
+        print(f"tidal gateway: {url} -> {len(s.replicas)} replica(s){follow} "
               f"(EPP metrics http://{s.epp_host}:{s.metrics_port}/metrics, "
               f"envoy admin http://127.0.0.1:{s.admin_port})", flush=True)
 
@@ -84,6 +86,9 @@ def add_gateway_parser(sub) -> argparse.ArgumentParser:
                    help="a replica's URL (http://HOST:PORT); repeat for each (or endpoints in --config)")
     p.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT",
                    help="the matching replica's KV events endpoint (tcp://HOST:PORT), in --replica order")
+    p.add_argument("--replicas-file", default=None, metavar="FILE",
+                   help="the replicas, one per line ('URL [tcp://KV-EVENTS]', '#' comments), re-read whenever "
+                        "the file changes: replicas join and leave while the gateway runs (instead of --replica)")
     p.add_argument("--epp-only", action="store_true",
                    help="run only the EPP (ext_proc gRPC) for a gateway you already run")
     add_gateway_flags(p)
@@ -95,6 +100,9 @@ def run_gateway(args: argparse.Namespace) -> int:
     replicas = [endpoint_of(u) for u in args.replica]
     if args.kv_events and len(args.kv_events) != len(replicas):
         raise TidalError("give one --kv-events per --replica, in the same order")
+    if args.replicas_file and (replicas or args.kv_events):
+        raise TidalError("give the replicas either as --replica flags or in --replicas-file, not both")
     s = settings_from_args(args, replicas, args.kv_events)
+    s.replicas_file = args.replicas_file
     gw = Gateway(s)
     return asyncio.run(serve_until_signalled(gw, lambda: print_ready(s, gw.url)))
