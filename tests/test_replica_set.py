@@ -93,3 +93,22 @@ def test_the_real_picker_follows_the_file(tmp_path):
     assert set(picker.pool.endpoints) == {"10.0.0.6:8000"}
     assert picker.pool.endpoints["10.0.0.6:8000"].kv_events == "tcp://10.0.0.6:5558"
     assert gw.s.replicas == ["10.0.0.6:8000"]
+
+
+def test_tidal_gateway_cli_follows_the_file(tmp_path):
+    from test_gateway import _tidal, _wait_for_line
+    f = tmp_path / "replicas"
+    port = free_port()
+    with Stub("x") as stub:
+        f.write_text(f"# one replica\nhttp://{stub.endpoint}\n")
+        with _tidal("gateway", "--replicas-file", str(f), "--port", str(port), "--epp-port", str(free_port()),
+                    "--metrics-port", str(free_port()), "--admin-port", str(free_port()),
+                    "--envoy-concurrency", "1") as proc:
+            line = _wait_for_line(proc, "tidal gateway: http://", 60)
+            assert "1 replica(s), following" in line and str(f) in line
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "p"}, timeout=10)
+            assert r.json()["served_by"] == "x"
+            proc.send_signal(2)
+            assert proc.wait(15) == 0
+    with _tidal("gateway", "--replicas-file", str(f), "--replica", "http://127.0.0.1:1") as proc:
+        assert proc.wait(30) != 0 and "not both" in proc.stderr.read()
