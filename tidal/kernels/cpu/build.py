@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (all bound in bindings.cpp)
 SOURCES = ("bindings.cpp", "paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp", "rms_norm.cpp", "prefill_bf16.cpp",
            "int4_linear.cpp", "decode_stack.cpp", "w8a8_linear.cpp")
-HEADERS = ("fused_ops.h", "cpu_common.h", "avx512_common.h", "int4_linear.h")
+HEADERS = ("fused_ops.h", "cpu_common.h", "avx512_common.h", "int4_linear.h", "paged_decode_bf16.h")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
 LOG, BUILT, FAILED = "builder.log", "built", "build-failed"
