@@ -4,9 +4,9 @@ the zero-point term where the weights have one), its torch fallback agrees, quan
 put it where asked and only there, and a whole model under it stays close to the float model."""
 import pytest
 import torch
-import transformers
 
 from model_utils import all_logits, make_runner
+from test_int4_kernels import _tiny
 from tidal.config import EngineConfig, weight_format
 from tidal.errors import TidalError
 from tidal.kernels import cpu, quant_ops
@@ -69,17 +69,8 @@ def test_torch_fallback_agrees_with_the_kernel(ext, monkeypatch):
     torch.testing.assert_close(fallback, kernel, rtol=1e-5, atol=1e-4)
 
 
-def _tiny():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=False)
-    cfg.architectures = ["LlamaForCausalLM"]
-    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-
-
 def test_w8a8_model_and_head_stay_close_to_float(ext):
-    runner = make_runner(_tiny())
+    runner = make_runner(_tiny("llama"))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 40)]
     ref = torch.cat(all_logits(runner, prompts))
@@ -92,7 +83,7 @@ def test_w8a8_model_and_head_stay_close_to_float(ext):
 
 
 def test_plain_int8_never_rounds_activations(ext):
-    runner = make_runner(_tiny())
+    runner = make_runner(_tiny("llama"))
     assert "w8a8" not in set(quantize_model(runner.model, 8, None).values())
 
 
@@ -106,4 +97,4 @@ def test_flags_and_formats():
     with pytest.raises(TidalError, match="conflicts"):      # a GGUF / `tidal quantize` int4 checkpoint
         resolve_quantization("w8a8", {"bits": 4, "group_size": 32})
     with pytest.raises(TidalError, match="one scale per row"):
-        quantize_model(make_runner(_tiny()).model, 8, 32, w8a8=True)
+        quantize_model(make_runner(_tiny("llama")).model, 8, 32, w8a8=True)

@@ -133,7 +133,7 @@ class Gateway:
             self._dir = tempfile.mkdtemp(prefix="tidal-gateway-")
             if entries is not None:
                 self._eds = os.path.join(self._dir, "replicas_eds.json")
-                self._write_eds(self.s.replicas)
+                self._write_eds([resolve_endpoint(r) for r in self.s.replicas])
             config = envoy_config.bootstrap(self.s.replicas, ports, eds_path=self._eds)
             path = os.path.join(self._dir, "envoy.yaml")
             with open(path, "w") as f:
@@ -151,19 +151,20 @@ class Gateway:
             await self.stop()
             raise
 
-    def _write_eds(self, replicas: list[str]) -> None:
+    def _write_eds(self, addresses: list[str]) -> None:
+        """Envoy's EDS file with these resolved 'IP:port' addresses."""
         from tidal.fleet.envoy_config import REPLICA_CLUSTER
         self._eds_version += 1
-        replica_set.write_eds(self._eds, REPLICA_CLUSTER, [resolve_endpoint(r) for r in replicas], self._eds_version)
+        replica_set.write_eds(self._eds, REPLICA_CLUSTER, addresses, self._eds_version)
 
     def _apply(self, entries: list[replica_set.Entry]) -> None:
         """--replicas-file changed: the picker, the known set and Envoy's EDS file follow it. A replica
         whose name does not resolve is left out (with a warning) until the file changes again."""
         from tidal.fleet.epp import EndpointSpec
-        wanted = {}
+        wanted, resolved = {}, []
         for address, kv in entries:
             try:
-                resolve_endpoint(address)
+                resolved.append(resolve_endpoint(address))
             except TidalError as e:
                 log.warning("--replicas-file: %s; leaving it out", e)
                 continue
@@ -180,7 +181,7 @@ class Gateway:
             self._known.clear()
             self._known.update(wanted)
         if self._eds is not None:
-            self._write_eds(self.s.replicas)
+            self._write_eds(resolved)
         log.info("replicas now: %s", ", ".join(self.s.replicas) or "none")
 
     async def _wait_ready(self, timeout: float) -> None:

@@ -27,6 +27,8 @@ model/layers/quant_linear.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -70,18 +72,14 @@ def cpu_paths(qw) -> tuple[str, ...]:
     return ()
 
 
-_INT_MM: list[bool] = []
-
-
+@functools.cache
 def _has_int_mm() -> bool:
     """Whether this torch has the CPU int8 x int8 -> int32 GEMM ("w8a8")."""
-    if not _INT_MM:
-        try:
-            torch._int_mm(torch.zeros(17, 8, dtype=torch.int8), torch.zeros(8, 8, dtype=torch.int8))
-            _INT_MM.append(True)
-        except (RuntimeError, AttributeError):
-            _INT_MM.append(False)
-    return _INT_MM[0]
+    try:
+        torch._int_mm(torch.zeros(17, 8, dtype=torch.int8), torch.zeros(8, 8, dtype=torch.int8))
+        return True
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def pack(qw, path: str) -> tuple:
