@@ -37,6 +37,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int) -> int:
+    """The first of `n` consecutive free ports, below Linux's ephemeral range (32768+), where the
+    kernel's own picks (client sockets, other tests' servers) cannot take the later ones meanwhile."""
+    import random
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - n)
+        try:
+            with contextlib.ExitStack() as stack:
+                for p in range(base, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 class Stub:
     """An OpenAI-ish replica: JSON for a plain request, SSE for "stream": true; the second SSE event
     waits for `release` (so a test sees whether the first one got through before the upstream ended)."""
@@ -377,7 +394,7 @@ def test_epp_only_prints_the_ext_proc_address():
 
 
 def test_tidal_cluster_up_starts_and_stops_everything():
-    base, port = free_port(), free_port()
+    base, port = free_port_run(4), free_port()   # 2 replicas' HTTP ports, then their 2 KV event ports
     with _tidal("cluster", "up", "--replicas", "2", "--simulate", "--base-port", str(base), "--port", str(port),
                 "--epp-port", str(free_port()), "--metrics-port", str(free_port()), "--admin-port", str(free_port()),
                 "--envoy-concurrency", "1") as proc:
