@@ -5,7 +5,7 @@ for prefill steps (any prompt token in the step) and all-decode steps.
 Owns: nothing the engine uses; it wraps the backend's methods with timers for one run. The timers add
 a little per call; compare configurations with each other, not with `tidal bench throughput`.
 
-    python bench/profile_throughput.py [--quant w8a8 --quant-head w8a8] [--dtype bfloat16]
+    python bench/profile_throughput.py [--quant w8a8 --quant-head w8a8] [--kv-quant int8] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quant", default="none")
     ap.add_argument("--quant-head", default="none")
+    ap.add_argument("--kv-quant", default="none")
     a = ap.parse_args()
-    kw = dict(model=a.model, device="cpu", dtype=a.dtype, quant=a.quant, quant_head=a.quant_head)
+    kw = dict(model=a.model, device="cpu", dtype=a.dtype, quant=a.quant, quant_head=a.quant_head, kv_quant=a.kv_quant)
     _wait_for_cpu_kernels(kw)
     llm = LLM(**kw)
     runner = llm.engine.runner
@@ -65,7 +66,7 @@ def main() -> None:
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in wl.prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    print(f"{a.model} {a.dtype} quant={a.quant} quant_head={a.quant_head}: {elapsed:.2f} s, "
+    print(f"{a.model} {a.dtype} quant={a.quant} quant_head={a.quant_head} kv_quant={a.kv_quant}: {elapsed:.2f} s, "
           f"{sum(wl.output_lens) / elapsed:.1f} output tok/s (with timers)")
     for k in ("prefill", "decode"):
         for (kk, name), s in sorted(spent.items(), key=lambda x: -x[1]):

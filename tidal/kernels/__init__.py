@@ -85,6 +85,14 @@ class CpuBackend(TorchBackend):
 
     # one pass each instead of torch's 5-9 ops (kernels/cpu/fused_ops.cpp, rms_norm.cpp): several ms
     # of a decode step. The norm is bit-identical to torch_ops.rms_norm (ATen's summation order).
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        ext = self._cpu.ready()
+        if ext is not None and isinstance(k_cache, QuantKVCache) and k_cache.scale.dtype == torch.float16 \
+                and k_cache.device == k.device:  # one C++ call instead of ~20 torch ops (kv_quant_ops.cpp)
+            return ext.kv_quant_write(k, v, list(k_cache.parts()), list(v_cache.parts()), slot_mapping,
+                                      k_cache.bits, k_cache.group_size)
+        return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
+
     def rms_norm(self, x, residual, weight, eps):
         ext = self._cpu.ready()
         if ext is None or not x.is_contiguous() or weight.dtype != x.dtype or not weight.is_contiguous() \
@@ -122,6 +130,15 @@ class CpuBackend(TorchBackend):
                 def decode(q_dec, block_tables, seq_lens, max_seq_len):
                     return kernel(q_dec, *k_cache.parts(), *v_cache.parts(), block_tables, seq_lens, scale,
                                   bits, group)
+
+                def prefill(q_seq, block_table, seq_len):
+                    """The context's blocks dequantized to bf16 (kv_quant_ops.cpp), then the bf16 kernel
+                    over them as a small paged cache; None (the torch path) for a float32 model."""
+                    if q_seq.dtype != torch.bfloat16:
+                        return None
+                    ids = block_table[:(seq_len + k_cache.shape[1] - 1) // k_cache.shape[1]]
+                    k, v = (ext.kv_dequant_blocks(*c.parts(), ids, bits, group, True) for c in (k_cache, v_cache))
+                    return ext.prefill_attention_bf16(q_seq, k, v, torch.arange(len(ids)), seq_len, scale)
         elif ext is not None:
             def decode(q_dec, block_tables, seq_lens, max_seq_len):
                 return ext.paged_decode_attention(q_dec, k_cache, v_cache, block_tables, seq_lens, scale)

@@ -15,6 +15,11 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor s, torch
 torch::Tensor int8_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, torch::Tensor out);
 // w8a8_linear.cpp: int8 weights x int8 activations rounded per row, oneDNN's int8 GEMM
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> wz);
+// kv_quant_ops.cpp: the group-wise int8 / int4 KV cache (kv/quant_cache.py)
+void kv_quant_write(torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc,
+                    torch::Tensor slots, int64_t bits, int64_t group_size);
+torch::Tensor kv_dequant_blocks(torch::Tensor data, torch::Tensor scale, torch::Tensor mn, torch::Tensor block_ids,
+                                int64_t bits, int64_t group_size, bool bf16);
 // paged_decode.cpp
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, double scale);

@@ -10,12 +10,16 @@
 // With AVX-512 (head size 64 or 128, up to 8 query heads per KV head): four keys' dot products are
 // reduced together (hsum4), exp is vectorized, and the output accumulates in registers. Measured at
 // B=64, 450 tokens, 9/3 heads, d=64, one thread: int8 2.4-2.7 ms a layer, int4 2.3-2.5, against 3.9
-// for the bf16 cache's AVX512-BF16 kernel (bench/kv_decode_attention.py).
+// for the bf16 cache's AVX512-BF16 kernel (bench/kv_decode_attention.py). On a VNNI CPU the int8 cache
+// (head size and group multiples of 64) takes paged_decode_int8.h's kernel instead, which never
+// dequantizes a key; TIDAL_KV_VNNI=0 keeps it here.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 #include "cpu_common.h"
 #include "avx512_common.h"
@@ -23,6 +27,12 @@
 namespace {
 
 constexpr int64_t PF = 16;  // rows prefetched ahead
+
+// TIDAL_KV_VNNI=0 keeps the int8 cache on the dequantizing kernel (for comparisons)
+bool vnni_enabled() {
+  static const bool on = [] { const char* e = std::getenv("TIDAL_KV_VNNI"); return !e || std::string(e) != "0"; }();
+  return on;
+}
 
 struct Cache {  // one of K or V; row r = (slot * kv_heads + head)
   const uint8_t* codes;
@@ -155,6 +165,7 @@ void by_heads(int64_t G, const Cache& k, const Cache& v, const float* qs, const 
   }
   attend_avx512<BITS, D, GC>(k, v, qs, rows, L, GS, scores, out);
 }
+#include "paged_decode_int8.h"
 #endif
 
 at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scale, at::Tensor k_min,
@@ -185,6 +196,10 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
   decltype(&by_heads<8, 64>) fast = nullptr;
   if (GS % (bits == 8 ? 16 : 32) == 0 && (D == 64 || D == 128) && G >= 1 && G <= 8)
     fast = bits == 8 ? (D == 64 ? by_heads<8, 64> : by_heads<8, 128>) : (D == 64 ? by_heads<4, 64> : by_heads<4, 128>);
+#ifdef TIDAL_AVX512_VNNI
+  if (bits == 8 && GS % 64 == 0 && (D == 64 || D == 128) && G >= 1 && G <= 8 && vnni_enabled())
+    fast = D == 64 ? int8_by_heads<64> : int8_by_heads<128>;
+#endif
 #endif
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qs(G * D);
@@ -194,7 +209,8 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
       const float* qb = qp + (b * H + kh * G) * D;
       for (int64_t i = 0; i < G * D; ++i) qs[i] = qb[i] * sc;
       rows.resize(L);
-      for (int64_t t = 0; t < L; ++t) rows[t] = (tp[b * MB + t / BS] * BS + t % BS) * KVH + kh;
+      for (int64_t t0 = 0, blk = 0; t0 < L; t0 += BS, ++blk)  // per block: no division per token
+        for (int64_t t = t0, row = tp[b * MB + blk] * BS * KVH + kh; t < std::min(L, t0 + BS); ++t, row += KVH) rows[t] = row;
       scores.resize(G * L);
       float* ob = op + (b * H + kh * G) * D;
 #ifdef TIDAL_AVX512
