@@ -101,3 +101,36 @@ def test_the_threshold_is_an_engine_flag():
     assert EngineConfig(long_prefill_token_threshold=256).long_prefill_token_threshold == 256
     with pytest.raises(TidalError, match="long-prefill-token-threshold"):
         EngineConfig(long_prefill_token_threshold=-1)
+
+
+def test_short_prefill_tokens_lets_warm_requests_pass_a_cold_prefill():
+    """The burst case: group A's prefix is cached, group B's cold prompt is mid-prefill. FCFS keeps A's
+    follower waiting until B's prefill is done; with short_prefill_tokens it goes first, and B takes the rest
+    of the budget."""
+    def run(short: int) -> list[dict[str, int]]:
+        bm = BlockManager(64, BS)
+        sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=12, short_prefill_tokens=short)
+        prefix_a = list(range(100, 116))
+        a = _req("a", prefix_a + [1, 2], 0.0)
+        sched.add(a)
+        while a.num_computed_tokens < 18:                 # A's prompt is computed and cached
+            _step(sched, bm)
+        sched.add(_req("b", list(range(300, 340)), 1.0))  # cold, 40 tokens
+        first = _step(sched, bm)                          # a decodes, b starts its prefill
+        sched.add(_req("a2", prefix_a + [3, 4], 2.0))     # warm: 2 uncached tokens
+        return [first, _step(sched, bm), _step(sched, bm)]
+    fcfs, short = run(0), run(4)
+    assert fcfs[0] == short[0] == {"a": 1, "b": 11}
+    assert fcfs[1] == {"a": 1, "b": 11} and "a2" not in fcfs[2]   # a2 waits behind b's prefill
+    assert short[1] == {"a": 1, "a2": 2, "b": 9}                  # a2 goes first, b takes what is left
+    assert short[2]["a2"] == 1                                    # ... and a2 is already decoding
+
+
+def test_short_prefill_tokens_is_an_engine_flag():
+    import pytest
+
+    from tidal.config import EngineConfig
+    from tidal.errors import TidalError
+    assert EngineConfig(short_prefill_tokens=256).short_prefill_tokens == 256
+    with pytest.raises(TidalError, match="short-prefill-tokens"):
+        EngineConfig(short_prefill_tokens=-1)

@@ -109,6 +109,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     long_prefill_token_threshold: int = 0    # most tokens one prefill gets a step (0: up to the whole budget)
+    short_prefill_tokens: int = 0            # prompts needing at most this many tokens go first (0: FCFS)
     enable_prefix_caching: bool = True
     enable_jump_forward: bool = True         # append the tokens a grammar forces without a decode step
     quant: str = "none"
@@ -134,6 +135,8 @@ class EngineConfig:
             raise TidalError("--max-num-batched-tokens must be at least 1", param="max_num_batched_tokens")
         if self.long_prefill_token_threshold < 0:
             raise TidalError("--long-prefill-token-threshold must be 0 (off) or more", param="long_prefill_token_threshold")
+        if self.short_prefill_tokens < 0:
+            raise TidalError("--short-prefill-tokens must be 0 (off) or more", param="short_prefill_tokens")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise TidalError("--max-model-len must be at least 1", param="max_model_len")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -184,6 +187,9 @@ ENGINE_FLAGS = [
     ("max_num_batched_tokens", int, "token budget of one engine step"),
     ("long_prefill_token_threshold", int, "most tokens one prompt's prefill gets in a step (default 0: the whole "
                                           "budget); lower lets short or prefix-cached prompts go ahead of a long one"),
+    ("short_prefill_tokens", int, "a waiting prompt that needs at most this many uncached tokens is scheduled "
+                                  "before running prefills that need more (default 0: first come, first served); "
+                                  "cuts the TTFT tail of prefix-cached requests queued behind a long cold prompt"),
     ("quant", str, "weight quantization: none, int8, int4, or w8a8 (int8 weights and int8 activations rounded per "
                    "token: oneDNN's int8 GEMM, ~1.7x bf16's matmul speed on AVX-512 VNNI CPUs for batches; CPU only; "
                    "SmolLM2 perplexity +4%%, so opt-in)"),

@@ -58,7 +58,7 @@ class EngineCore(CoreBase):
             self.kv_event_publisher = KVEventPublisher(config.kv_events_endpoint).attach(self.block_manager)
         # an offloading policy's batch and token budget (bs sequences in each of mb micro-batches): resolve.py
         self.scheduler = Scheduler(self.block_manager, resolved.max_num_seqs, resolved.max_num_batched_tokens,
-                                   config.long_prefill_token_threshold)
+                                   config.long_prefill_token_threshold, config.short_prefill_tokens)
         self.grammars = GrammarRequests(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.jump_forward = config.enable_jump_forward
         self._requests: dict[str, Request] = {}

@@ -26,13 +26,18 @@ from tidal.kv.block_manager import BlockManager, hash_block
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int = 0):
+                 long_prefill_token_threshold: int = 0, short_prefill_tokens: int = 0):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # vLLM's knob: a prefill gets at most this many tokens a step (0: no cap), so a long cold prompt
         # leaves budget for short ones behind it (e.g. the rest of its group, warm in the prefix cache)
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        # shortest-first between prefills: a waiting request needing at most this many prompt tokens
+        # (0: off) goes ahead of running prefills that need more, so a burst's warm followers are not
+        # stuck behind another prompt's cold 2,048-token prefill (TTFT tail)
+        self.short_prefill_tokens = short_prefill_tokens
+        self._budget = 0   # tokens left in the step being scheduled
         self.waiting: list[Request] = []   # sorted by sort_key
         self.running: list[Request] = []   # in admission order
         self.num_preemptions = 0
@@ -71,26 +76,44 @@ class Scheduler:
         reqs: list[Request] = []          # scheduled this step, in row order
         num_new_tokens: list[int] = []
         preempted: list[Request] = []
-        budget = self.max_num_batched_tokens
-        for req in list(self.running):
-            if budget == 0:
+        self._budget = self.max_num_batched_tokens
+        short = self.short_prefill_tokens
+        # with short_prefill_tokens: running prefills longer than that wait until decodes and the
+        # waiting requests that need at most that many tokens (warm in the prefix cache) are in
+        deferred = [r for r in self.running if short and r.num_tokens - r.num_computed_tokens > short]
+        for req in [r for r in self.running if r not in deferred] + deferred:
+            if self._budget == 0:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
-                continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget, self._cap)
-            while not self.bm.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new):
-                victim = max(self.running, key=lambda r: r.sort_key)
-                budget += self._preempt(victim, reqs, num_new_tokens, preempted)
-                if victim is req:
-                    break
-            else:
-                reqs.append(req)
-                num_new_tokens.append(num_new)
-                budget -= num_new
+            if req is deferred[0] if deferred else False:
+                self._admit(reqs, num_new_tokens, preempted, short)
+            if req.status == RequestStatus.RUNNING:  # not preempted earlier in this loop
+                self._continue(req, reqs, num_new_tokens, preempted)
+        if short and not deferred:
+            self._admit(reqs, num_new_tokens, preempted, short)
+        self._admit(reqs, num_new_tokens, preempted, 0)
+        return self._output(reqs, num_new_tokens, preempted)
+
+    def _continue(self, req: Request, reqs: list[Request], num_new_tokens: list[int], preempted: list[Request]) -> None:
+        """Schedule running req's next tokens, preempting the latest arrivals while memory is short."""
+        num_new = min(req.num_tokens - req.num_computed_tokens, self._budget, self._cap)
+        while not self.bm.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, num_new):
+            victim = max(self.running, key=lambda r: r.sort_key)
+            self._budget += self._preempt(victim, reqs, num_new_tokens, preempted)
+            if victim is req:
+                return
+        reqs.append(req)
+        num_new_tokens.append(num_new)
+        self._budget -= num_new
+
+    def _admit(self, reqs: list[Request], num_new_tokens: list[int], preempted: list[Request], at_most: int) -> None:
+        """Admit waiting requests in queue order while budget, slots and memory last; with `at_most`,
+        only those whose uncached prompt is at most that many tokens (the others keep their place)."""
         # memory is tight when something was preempted: let the running set drain before admitting more
-        pending = self._pending_blocks() if self.waiting and not preempted else set()
+        if preempted or not self.waiting:
+            return
+        pending = self._pending_blocks()
         i = 0
-        while not preempted and i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+        while i < len(self.waiting) and self._budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[i]
             tokens = req.all_token_ids
             reuse = req.params.prompt_logprobs is None and self.bm.enable_prefix_caching
@@ -103,7 +126,10 @@ class Scheduler:
                     continue
             else:  # prompt logprobs need logits at every prompt position, so nothing may be skipped
                 computed_blocks, num_cached = [], 0
-            num_new = min(len(tokens) - num_cached, budget, self._cap)
+            if at_most and len(tokens) - num_cached > at_most:
+                i += 1
+                continue
+            num_new = min(len(tokens) - num_cached, self._budget, self._cap)
             if not self.bm.allocate_slots(req.request_id, tokens, num_cached, num_new, computed_blocks):
                 break
             self.waiting.pop(i)
@@ -116,8 +142,7 @@ class Scheduler:
             self.running.append(req)
             reqs.append(req)
             num_new_tokens.append(num_new)
-            budget -= num_new
-        return self._output(reqs, num_new_tokens, preempted)
+            self._budget -= num_new
 
     @property
     def _cap(self) -> int:

@@ -81,7 +81,7 @@ class SimulatedCore(CoreBase):
             from tidal.kv.event_publisher import KVEventPublisher
             self.kv_event_publisher = KVEventPublisher(config.kv_events_endpoint).attach(self.block_manager)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.long_prefill_token_threshold)
+                                   config.long_prefill_token_threshold, config.short_prefill_tokens)
         self._requests: dict[str, Request] = {}
         self._seeds: dict[str, int] = {}
         self.stats = new_stats()
