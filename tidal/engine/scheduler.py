@@ -80,18 +80,23 @@ class Scheduler:
         short = self.short_prefill_tokens
         # with short_prefill_tokens: running prefills longer than that wait until decodes and the
         # waiting requests that need at most that many tokens (warm in the prefix cache) are in
-        deferred = [r for r in self.running if short and r.num_tokens - r.num_computed_tokens > short]
-        for req in [r for r in self.running if r not in deferred] + deferred:
-            if self._budget == 0:
-                break
-            if req is deferred[0] if deferred else False:
-                self._admit(reqs, num_new_tokens, preempted, short)
-            if req.status == RequestStatus.RUNNING:  # not preempted earlier in this loop
-                self._continue(req, reqs, num_new_tokens, preempted)
-        if short and not deferred:
+        now, later = [], []
+        for r in self.running:
+            (later if short and r.num_tokens - r.num_computed_tokens > short else now).append(r)
+        self._continue_all(now, reqs, num_new_tokens, preempted)
+        if short:
             self._admit(reqs, num_new_tokens, preempted, short)
+            self._continue_all(later, reqs, num_new_tokens, preempted)
         self._admit(reqs, num_new_tokens, preempted, 0)
         return self._output(reqs, num_new_tokens, preempted)
+
+    def _continue_all(self, running: list[Request], reqs: list[Request], num_new_tokens: list[int],
+                      preempted: list[Request]) -> None:
+        for req in running:
+            if self._budget == 0:
+                break
+            if req.status == RequestStatus.RUNNING:  # not preempted earlier in this step
+                self._continue(req, reqs, num_new_tokens, preempted)
 
     def _continue(self, req: Request, reqs: list[Request], num_new_tokens: list[int], preempted: list[Request]) -> None:
         """Schedule running req's next tokens, preempting the latest arrivals while memory is short."""
