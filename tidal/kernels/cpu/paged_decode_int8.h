@@ -3,8 +3,9 @@
 //
 // Keys: q.k = sum over groups of scale * (q . codes) + min * sum(q). Each query head is split into two
 // int8 vectors (its rounding and the remainder, one scale per head), so a key's 64-byte block is two
-// vpdpbusd per query head: no key is ever dequantized. Four keys' int32 lanes are
-// reduced together. Values: see values_int8_vnni.
+// vpdpbusd per query head: no key is ever dequantized. Sixteen keys are transposed 4 bytes at a time, so
+// the int32 lanes of one pass are the 16 keys' dot products (no horizontal sums). Values: see
+// values_int8_vnni (kept out of line: a profile then splits the two passes' time).
 // Needs head_dim and group size multiples of 64 (SmolLM2, Llama: head_dim 64 or 128, group 64).
 #pragma once
 #include <cstring>
