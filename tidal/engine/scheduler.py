@@ -38,6 +38,7 @@ class Scheduler:
         # stuck behind another prompt's cold 2,048-token prefill (TTFT tail)
         self.short_prefill_tokens = short_prefill_tokens
         self._budget = 0   # tokens left in the step being scheduled
+        self._pending: set[int] | None = None   # its prompt blocks being prefilled (_pending_blocks)
         self.waiting: list[Request] = []   # sorted by sort_key
         self.running: list[Request] = []   # in admission order
         self.num_preemptions = 0
@@ -77,6 +78,7 @@ class Scheduler:
         num_new_tokens: list[int] = []
         preempted: list[Request] = []
         self._budget = self.max_num_batched_tokens
+        self._pending = None
         short = self.short_prefill_tokens
         # with short_prefill_tokens: running prefills longer than that wait until decodes and the
         # waiting requests that need at most that many tokens (warm in the prefix cache) are in
@@ -116,7 +118,9 @@ class Scheduler:
         # memory is tight when something was preempted: let the running set drain before admitting more
         if preempted or not self.waiting:
             return
-        pending = self._pending_blocks()
+        if self._pending is None:   # once a step; requests admitted here add theirs below
+            self._pending = self._pending_blocks()
+        pending = self._pending
         i = 0
         while i < len(self.waiting) and self._budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[i]

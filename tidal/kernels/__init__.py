@@ -83,8 +83,6 @@ class CpuBackend(TorchBackend):
             return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
-    # one pass each instead of torch's 5-9 ops (kernels/cpu/fused_ops.cpp, rms_norm.cpp): several ms
-    # of a decode step. The norm is bit-identical to torch_ops.rms_norm (ATen's summation order).
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         ext = self._cpu.ready()
         if ext is not None and isinstance(k_cache, QuantKVCache) and k_cache.scale.dtype == torch.float16 \
@@ -93,6 +91,8 @@ class CpuBackend(TorchBackend):
                                       k_cache.bits, k_cache.group_size)
         return super().write_kv(k, v, k_cache, v_cache, slot_mapping)
 
+    # one pass each instead of torch's 5-9 ops (kernels/cpu/fused_ops.cpp, rms_norm.cpp): several ms
+    # of a decode step. The norm is bit-identical to torch_ops.rms_norm (ATen's summation order).
     def rms_norm(self, x, residual, weight, eps):
         ext = self._cpu.ready()
         if ext is None or not x.is_contiguous() or weight.dtype != x.dtype or not weight.is_contiguous() \

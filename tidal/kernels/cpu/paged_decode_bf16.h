@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <vector>
 #include "avx512_common.h"
+#include "cpu_common.h"
 
 #ifdef TIDAL_AVX512_BF16
 // v[0..15] -> one vector whose lane i is the sum of v[i]'s 16 lanes
@@ -46,13 +47,12 @@ inline void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, co
   const int64_t H = KVH * G, row = KVH * D;
   {
     std::vector<float> scores;
-    std::vector<int64_t> slot;   // each token's row in the cache, walked block by block (no division per token)
+    std::vector<int64_t> slot;   // each token's row in the cache (token_rows)
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, kh = idx % KVH, L = lens[b];
       const int64_t* tab = tables + b * MB;
       slot.resize(L);
-      for (int64_t t0 = 0, blk = 0; t0 < L; t0 += BS, ++blk)
-        for (int64_t t = t0, base = tab[blk] * BS - t0; t < std::min(L, t0 + BS); ++t) slot[t] = base + t;
+      token_rows(tab, BS, L, slot.data());
       const uint16_t* qb = reinterpret_cast<const uint16_t*>(q) + (b * H + kh * G) * D;
       __m512bh qv[G][NQ];
       for (int g = 0; g < G; ++g)

@@ -209,8 +209,7 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
       const float* qb = qp + (b * H + kh * G) * D;
       for (int64_t i = 0; i < G * D; ++i) qs[i] = qb[i] * sc;
       rows.resize(L);
-      for (int64_t t0 = 0, blk = 0; t0 < L; t0 += BS, ++blk)  // per block: no division per token
-        for (int64_t t = t0, row = tp[b * MB + blk] * BS * KVH + kh; t < std::min(L, t0 + BS); ++t, row += KVH) rows[t] = row;
+      token_rows(tp + b * MB, BS, L, rows.data(), KVH, kh);
       scores.resize(G * L);
       float* ob = op + (b * H + kh * G) * D;
 #ifdef TIDAL_AVX512
