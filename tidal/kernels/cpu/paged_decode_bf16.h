@@ -48,8 +48,12 @@ inline void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, co
   {
     std::vector<float> scores;
     std::vector<int64_t> slot;   // each token's row in the cache (token_rows)
+    Lookahead la;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, kh = idx % KVH, L = lens[b];
+      la.next_seq(tables, MB, lens, BS, b, kh, KVH, end,
+                  {{reinterpret_cast<const char*>(k), 2 * BS * row}, {reinterpret_cast<const char*>(v), 2 * BS * row}});
+      la.pace((L + 15) / 16 + L);
       const int64_t* tab = tables + b * MB;
       slot.resize(L);
       token_rows(tab, BS, L, slot.data());
@@ -62,6 +66,7 @@ inline void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, co
       const uint16_t* kbase = reinterpret_cast<const uint16_t*>(k) + kh * D;
       // scores: 16 tokens at a time, each token's dot products reduced together
       for (int64_t t0 = 0; t0 < L; t0 += 16) {
+        la.step();
         const uint16_t* kp[16];
         const int n = std::min<int64_t>(16, L - t0);
         for (int i = 0; i < 16; ++i) {
@@ -93,6 +98,7 @@ inline void decode_bf16_range(const c10::BFloat16* q, const c10::BFloat16* k, co
         const int64_t tn = std::min(t + PREFETCH_AHEAD, L - 1);
         const char* vnext = reinterpret_cast<const char*>(vbase + slot[tn] * row);
         prefetch_row<D>(vnext, kh, KVH);
+        la.step();
         __m512 vf[NV];
         for (int j = 0; j < NV; ++j) vf[j] = bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + j * 16)));
         for (int g = 0; g < G; ++g) {

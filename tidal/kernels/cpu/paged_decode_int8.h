@@ -24,7 +24,7 @@ inline float half_at(const at::Half* p, int64_t i) { return _cvtsh_ss(p[i].x); }
 // long before (hi << 7) + lo could overflow.
 template <int D, int GC>
 __attribute__((noinline)) void values_int8_vnni(const Cache& v, const float* p, int64_t SL, const int64_t* rows, int64_t L, int64_t GS,
-                      float* out) {
+                      float* out, Lookahead* la) {
   constexpr int NB = D / 64;
   constexpr int64_t FLUSH = 64;
   const int64_t NG = D / GS;
@@ -95,6 +95,7 @@ __attribute__((noinline)) void values_int8_vnni(const Cache& v, const float* p, 
           lo[g][k] = _mm512_dpbusd_epi32(lo[g][k], y[k], wl);
         }
       }
+      if (la) la->step();
       if ((t + 4) % FLUSH == 0) flush();
     }
     flush();
@@ -110,8 +111,10 @@ __attribute__((noinline)) void values_int8_vnni(const Cache& v, const float* p, 
 
 template <int D, int GC>
 void attend_int8_vnni(const Cache& k, const Cache& v, const float* qs, const int64_t* rows, int64_t L, int64_t GS,
-                      std::vector<float>& scores, float* out) {
+                      std::vector<float>& scores, float* out, Lookahead* la) {
   const int64_t NG = D / GS;
+  constexpr int NB = D / 64;
+  if (la) la->pace((L + 15) / 16 + NB * (L + 3) / 4);
   // q ~ sq * (hi + lo / 128): hi the int8 rounding, lo its remainder (|lo| <= 64), so q's rounding error
   // is 1/256 of a step of hi (hi alone moved outputs by ~1% on keys with large channel offsets)
   alignas(64) int8_t qhi[GC][D], qlo[GC][D];
@@ -134,7 +137,6 @@ void attend_int8_vnni(const Cache& k, const Cache& v, const float* qs, const int
   }
   // qt[g][blk][e]: 128-bit lane l holds dword 4l + e of block blk of the head's rounding (and its remainder),
   // four times, to meet the keys transposed by keys16 below
-  constexpr int NB = D / 64;
   alignas(64) int32_t qth[GC][NB][4][16], qtl[GC][NB][4][16];
   for (int g = 0; g < GC; ++g)
     for (int blk = 0; blk < NB; ++blk)
@@ -153,6 +155,7 @@ void attend_int8_vnni(const Cache& k, const Cache& v, const float* qs, const int
       r[i] = k.codes + row * k.dq;
       if (t + i + PF8 < L) k.prefetch(rows[t + i + PF8]);
     }
+    if (la) la->step();
     __m512 sc[GC];
     for (int g = 0; g < GC; ++g) sc[g] = _mm512_setzero_ps();
     for (int blk = 0; blk < NB; ++blk) {
@@ -195,16 +198,16 @@ void attend_int8_vnni(const Cache& k, const Cache& v, const float* qs, const int
   }
   softmax_rows16(scores.data(), GC, L, SL);
   for (int g = 0; g < GC; ++g) std::fill(scores.data() + g * SL + L, scores.data() + (g + 1) * SL, 0.f);
-  values_int8_vnni<D, GC>(v, scores.data(), SL, rows, L, GS, out);
+  values_int8_vnni<D, GC>(v, scores.data(), SL, rows, L, GS, out, la);
 }
 
 // attend_int8_vnni with the query heads per KV head (1..8) as a compile-time constant
 template <int D, int GC = 1>
 void int8_by_heads(int64_t G, const Cache& k, const Cache& v, const float* qs, const int64_t* rows, int64_t L,
-                   int64_t GS, std::vector<float>& scores, float* out) {
+                   int64_t GS, std::vector<float>& scores, float* out, Lookahead* la) {
   if constexpr (GC < 8) {
-    if (G != GC) return int8_by_heads<D, GC + 1>(G, k, v, qs, rows, L, GS, scores, out);
+    if (G != GC) return int8_by_heads<D, GC + 1>(G, k, v, qs, rows, L, GS, scores, out, la);
   }
-  attend_int8_vnni<D, GC>(k, v, qs, rows, L, GS, scores, out);
+  attend_int8_vnni<D, GC>(k, v, qs, rows, L, GS, scores, out, la);
 }
 #endif

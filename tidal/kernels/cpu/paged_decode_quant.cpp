@@ -23,6 +23,7 @@
 #include <vector>
 #include "cpu_common.h"
 #include "avx512_common.h"
+#include "weight_warm.h"
 
 namespace {
 
@@ -119,11 +120,13 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 template <int BITS, int D, int GC>
 void attend_avx512(const Cache& k, const Cache& v, const float* qs, const int64_t* rows, int64_t L,
-                   int64_t GS, std::vector<float>& scores, float* out) {
+                   int64_t GS, std::vector<float>& scores, float* out, Lookahead* la) {
   constexpr int NC = D / 16;
   const int64_t SL = (L + 3) / 4 * 4;  // scores of one head, padded so 4 always fit
   scores.resize(GC * SL);
+  if (la) la->pace((L + 3) / 4 + L);
   for (int64_t t = 0; t < L; t += 4) {
+    if (la) la->step();
     const int n = static_cast<int>(std::min<int64_t>(4, L - t));
     __m512 x[4][NC];
     for (int i = 0; i < 4; ++i) {
@@ -145,6 +148,7 @@ void attend_avx512(const Cache& k, const Cache& v, const float* qs, const int64_
     for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
     if (t + PF < L) v.prefetch(rows[t + PF]);
+    if (la) la->step();
     __m512 x[NC];
     for (int c = 0; c < NC; ++c) x[c] = load16<BITS>(v, rows[t], c, GS);
     for (int g = 0; g < GC; ++g) {
@@ -159,11 +163,11 @@ void attend_avx512(const Cache& k, const Cache& v, const float* qs, const int64_
 // attend_avx512 with the query heads per KV head (1..8) as a compile-time constant
 template <int BITS, int D, int GC = 1>
 void by_heads(int64_t G, const Cache& k, const Cache& v, const float* qs, const int64_t* rows, int64_t L,
-              int64_t GS, std::vector<float>& scores, float* out) {
+              int64_t GS, std::vector<float>& scores, float* out, Lookahead* la) {
   if constexpr (GC < 8) {
-    if (G != GC) return by_heads<BITS, D, GC + 1>(G, k, v, qs, rows, L, GS, scores, out);
+    if (G != GC) return by_heads<BITS, D, GC + 1>(G, k, v, qs, rows, L, GS, scores, out, la);
   }
-  attend_avx512<BITS, D, GC>(k, v, qs, rows, L, GS, scores, out);
+  attend_avx512<BITS, D, GC>(k, v, qs, rows, L, GS, scores, out, la);
 }
 #include "paged_decode_int8.h"
 #endif
@@ -201,11 +205,23 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
     fast = D == 64 ? int8_by_heads<64> : int8_by_heads<128>;
 #endif
 #endif
+  const WarmSpans warm = warm_after(kc.codes);
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qs(G * D);
     std::vector<int64_t> rows;
+    Lookahead la;
+    if (!warm.empty()) {
+      int64_t calls = 0;  // this thread's step() calls: ~L / 16 + L / 4 an item
+      for (int64_t i = begin; i < end; ++i) calls += lp[i / KVH] * 5 / 16 + 1;
+      la.warm_share(warm, at::get_thread_num(), at::get_num_threads(), calls);
+    }
+    auto bytes = [](const auto* p) { return reinterpret_cast<const char*>(p); };
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, kh = idx % KVH, L = lp[b];
+      const int64_t rb = BS * KVH;  // rows in a block
+      la.next_seq(tp, MB, lp, BS, b, kh, KVH, end,
+                  {{bytes(kc.codes), rb * kc.dq}, {bytes(vc.codes), rb * vc.dq}, {bytes(kc.scale), 2 * rb * kc.ng},
+                   {bytes(kc.min), 2 * rb * kc.ng}, {bytes(vc.scale), 2 * rb * vc.ng}, {bytes(vc.min), 2 * rb * vc.ng}});
       const float* qb = qp + (b * H + kh * G) * D;
       for (int64_t i = 0; i < G * D; ++i) qs[i] = qb[i] * sc;
       rows.resize(L);
@@ -214,7 +230,7 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
       float* ob = op + (b * H + kh * G) * D;
 #ifdef TIDAL_AVX512
       if (fast) {
-        fast(G, kc, vc, qs.data(), rows.data(), L, GS, scores, ob);
+        fast(G, kc, vc, qs.data(), rows.data(), L, GS, scores, ob, &la);
         continue;
       }
 #endif
@@ -222,6 +238,7 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
       else attend_generic<4>(kc, vc, qs.data(), rows.data(), L, G, D, GS, scores, ob);
     }
   });
+  warm_note_attention(kc.codes);
   return out.to(q.scalar_type());
 }
 
