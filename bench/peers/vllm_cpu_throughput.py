@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", help="an HF directory, or a GGUF alias/file (converted once)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-dtype", default="auto", help="vLLM's kv_cache_dtype, e.g. fp8 (its quantized KV cache)")
     add_peer_latency_args(p)
     args = p.parse_args(argv)
     try:
@@ -64,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = hf_dir_for(args.model)
     t0 = time.perf_counter()
-    llm = LLM(model=path, dtype=args.dtype, max_model_len=args.max_model_len, seed=0)
+    llm = LLM(model=path, dtype=args.dtype, max_model_len=args.max_model_len, seed=0, kv_cache_dtype=args.kv_cache_dtype)
     load_s = time.perf_counter() - t0
     vocab = llm.get_tokenizer().vocab_size
-    engine = {"name": "vllm-cpu", "model": args.model, "model_path": path, "dtype": args.dtype, "device": "cpu",
-              "args": {"max_model_len": args.max_model_len,
+    name = "vllm-cpu" if args.kv_cache_dtype == "auto" else f"vllm-cpu kv {args.kv_cache_dtype}"
+    engine = {"name": name, "model": args.model, "model_path": path, "dtype": args.dtype, "device": "cpu",
+              "args": {"max_model_len": args.max_model_len, "kv_cache_dtype": args.kv_cache_dtype,
                        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
                        "kvcache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
                        "ld_preload": os.environ.get("LD_PRELOAD")}}

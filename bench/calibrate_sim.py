@@ -1,0 +1,115 @@
+"""Calibrate `tidal serve --simulate`'s latency model from the real engine on this machine.
+
+Owns: timing real engine steps of known shape and fitting the simulator's step model
+(tidal/sim/latency.py: step ms = base_ms + prefill_ms_per_token x uncached prompt tokens +
+decode_ms_per_seq x decoding sequences) to them by least squares. The steps measured:
+- decode steps at several batch sizes, each sequence with a context as long as the fleet benchmark's
+  (a shared 2,048-token prefix, cached once, plus its own tail), so their attention costs what it costs there;
+- prefill steps of one prompt: fresh prompts of a few lengths, and a 128-token question on top of a cached
+  2,048-token prefix (the fleet workload's warm request).
+Prints each measured step against the fit and writes the fit as a `--sim-config` JSON.
+Must not: change the simulator's defaults itself (a person copies the figures, with the machine, into
+tidal/sim/latency.py and docs/benchmarks.md).
+
+    python bench/calibrate_sim.py [--model smollm2] [--dtype auto] [--out bench/out/sim_calibration.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from tidal.engine.llm_engine import LLMEngine
+from tidal.config import EngineConfig
+from tidal.sampling import SamplingParams
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
+
+
+class Timer:
+    """Runs an engine to completion, timing every step whose shape is pure: all decode rows, or one prompt's
+    prefill chunk. Mixed steps are run but not kept."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.steps = engine, []   # (prefill_tokens, decode_seqs, ms, label)
+        self._n = 0
+
+    def run(self, prompts: list[list[int]], max_tokens: int, label: str) -> None:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        for ids in prompts:
+            self._n += 1
+            self.engine.add_request(f"cal-{self._n}", None, params, prompt_token_ids=ids)
+        while self.engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            self.engine.step()
+            ms = (time.perf_counter() - t0) * 1e3
+            so = self.engine.core.last_scheduler_output
+            n_req, total = len(so.num_scheduled_tokens), so.total_num_scheduled_tokens
+            if n_req and total == n_req and n_req == len(prompts):
+                self.steps.append((0, n_req, ms, label))
+            elif n_req == 1 and total > 1:
+                self.steps.append((total, 0, ms, label))
+
+
+def fit(steps: list[tuple]) -> tuple[float, float, float]:
+    """Least squares of ms = base + a * prefill_tokens + b * decode_seqs."""
+    x = torch.tensor([[1.0, p, d] for p, d, _, _ in steps], dtype=torch.float64)
+    y = torch.tensor([ms for _, _, ms, _ in steps], dtype=torch.float64)
+    sol = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1)
+    return tuple(float(v) for v in sol)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch-sizes", default="1,4,16,32")
+    ap.add_argument("--prefill-lens", default="128,512,1024")
+    ap.add_argument("--prefix-len", type=int, default=2048)
+    ap.add_argument("--out", default="bench/out/sim_calibration.json")
+    a = ap.parse_args()
+    engine = LLMEngine(EngineConfig.from_kwargs(model=a.model, dtype=a.dtype))
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(1000, 20000, (n,), generator=g).tolist()  # noqa: E731
+    timer = Timer(engine)
+    timer.run([ids(64)], 4, "warm-up")
+    timer.steps.clear()
+    prefix = ids(a.prefix_len)
+    timer.run([prefix + ids(16)], 1, "prefix (cached from here on)")
+    timer.steps.clear()
+    for n in (int(v) for v in a.prefill_lens.split(",")):
+        for _ in range(2):
+            timer.run([ids(n)], 1, f"prefill {n} fresh tokens")
+    for _ in range(3):
+        timer.run([prefix + ids(128)], 1, f"prefill 128 tokens after a cached {a.prefix_len}")
+    for bs in (int(v) for v in a.batch_sizes.split(",")):
+        timer.run([prefix + ids(64) for _ in range(bs)], 17, f"decode, batch {bs}, context ~{a.prefix_len + 72}")
+    base, per_tok, per_seq = fit(timer.steps)
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+          f"model {a.model}, dtype {engine.config.dtype}")
+    print(f"fit: base_ms {base:.1f}, prefill_ms_per_token {per_tok:.3f}, decode_ms_per_seq {per_seq:.2f}")
+    groups: dict[str, list] = {}
+    for p, d, ms, label in timer.steps:
+        groups.setdefault(label, []).append((p, d, ms))
+    print(f"{'steps':58s} {'n':>3s} {'measured ms':>12s} {'fit ms':>8s}")
+    for label, rows in groups.items():
+        p, d = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+        print(f"{label:58s} {len(rows):3d} {statistics.median(r[2] for r in rows):12.1f} "
+              f"{base + per_tok * p + per_seq * d:8.1f}")
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"base_ms": round(base, 1), "prefill_ms_per_token": round(per_tok, 3),
+                   "decode_ms_per_seq": round(per_seq, 2)}, f, indent=2)
+    print(f"wrote {a.out} (use it with `tidal serve --simulate --sim-config {a.out}`)")
+
+
+if __name__ == "__main__":
+    main()
