@@ -192,3 +192,26 @@ def test_simulated_core_contract():
     assert core.block_manager.num_used_blocks == 0
     text = core.tokenizer.decode(out["a"])
     assert text.strip() and "<" not in text
+
+
+def test_prompt_tokens_cost_more_on_a_longer_context():
+    """A prompt token's attention reads every token before it: the step model charges
+    prefill_ms_per_token_kctx per token per 1,000 tokens of context, cached or computed in this step."""
+    from tidal.config import EngineConfig
+    from tidal.engine.core_io import EngineCoreRequest
+    from tidal.sampling_params import SamplingParams
+    from tidal.sim import SimConfig, SimulatedCore
+
+    sim = SimConfig(base_ms=10, prefill_ms_per_token=1, prefill_ms_per_token_kctx=2, decode_ms_per_seq=3)
+    assert sim.step_seconds(128, 2, 128 * 2.112) == pytest.approx((10 + 128 + 6 + 2 * 128 * 2.112) / 1000)
+    assert sim.step_seconds(0, 0, 0.0) == 0.0
+    core = SimulatedCore(EngineConfig(max_num_batched_tokens=64), SimConfig(time_scale=0, num_kv_blocks=64))
+    core.add_requests([EngineCoreRequest("a", list(range(1000, 1100)), SamplingParams(max_tokens=2), seed=1)])
+    seen = []
+    while core.has_unfinished_requests():
+        core.step()
+        seen.append((core.last_step_shape, core.last_step_kctx))
+    # 100 tokens in chunks of 64 and 36: their mean contexts are 32 and 64 + 18 tokens
+    assert seen[0] == ((64, 0), pytest.approx(64 * 32 / 1000))
+    assert seen[1] == ((36, 0), pytest.approx(36 * 82 / 1000))
+    assert seen[2] == ((0, 1), 0.0)

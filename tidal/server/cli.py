@@ -98,11 +98,14 @@ def add_serve_parser(subparsers, add_engine_flags) -> argparse.ArgumentParser:
                    help="a replica with no model: the real server, scheduler and KV cache over a latency model "
                         "(only --model's tokenizer is loaded); for fleet and router tests")
     f.add_argument("--sim-config", default=None, metavar="FILE",
-                   help="--simulate's settings as JSON: base_ms, prefill_ms_per_token, decode_ms_per_seq, "
+                   help="--simulate's settings as JSON: base_ms, prefill_ms_per_token, prefill_ms_per_token_kctx, "
+                        "decode_ms_per_seq, "
                         "num_kv_blocks, eos_probability, time_scale (defaults: docs/benchmarks.md)")
     f.add_argument("--sim-base-ms", type=_number(float, 0), default=None, help="--simulate: a step's fixed ms")
     f.add_argument("--sim-prefill-ms-per-token", type=_number(float, 0), default=None,
                    help="--simulate: ms per uncached prompt token in a step")
+    f.add_argument("--sim-prefill-ms-per-token-kctx", type=_number(float, 0), default=None,
+                   help="--simulate: ms per uncached prompt token per 1,000 tokens of context before it")
     f.add_argument("--sim-decode-ms-per-seq", type=_number(float, 0), default=None,
                    help="--simulate: ms per decoding sequence in a step")
     add_engine_flags(p, skip=())   # the server has no per-command sampling seed, so --seed is the engine's
@@ -128,7 +131,8 @@ def run_serve(args: argparse.Namespace, engine_kwargs: dict) -> int:
         if args.engine_process:
             raise TidalError("--simulate runs its core in a thread; drop --engine-process", param="simulate")
         sim = SimConfig.load(args.sim_config, base_ms=args.sim_base_ms, decode_ms_per_seq=args.sim_decode_ms_per_seq,
-                             prefill_ms_per_token=args.sim_prefill_ms_per_token)
+                             prefill_ms_per_token=args.sim_prefill_ms_per_token,
+                             prefill_ms_per_token_kctx=args.sim_prefill_ms_per_token_kctx)
         engine = AsyncEngine(SimulatedCore(config, sim))
     else:
         engine = AsyncEngine.from_config(config, verbose=True, process=args.engine_process)

@@ -103,15 +103,17 @@ class SimulatedCore(CoreBase):
         t0 = time.perf_counter()
         so = self.scheduler.schedule()
         prefill_tokens = decode_seqs = 0
+        kctx = 0.0
         for rid, n in so.num_scheduled_tokens.items():
             req = self._requests[rid]
             if n == 1 and req.output_token_ids and req.num_computed_tokens == req.num_tokens - 1:
                 decode_seqs += 1
             else:   # a prompt chunk, or a preempted request's recompute
                 prefill_tokens += n
-        self.last_step_shape = (prefill_tokens, decode_seqs)
+                kctx += n * (req.num_computed_tokens + n / 2) / 1000   # its tokens' mean context
+        self.last_step_shape, self.last_step_kctx = (prefill_tokens, decode_seqs), kctx
         # nothing fit (the pool is full of running requests' blocks): wait a base step rather than spin
-        seconds = self.sim.step_seconds(prefill_tokens, decode_seqs) or self.sim.base_ms * self.sim.time_scale / 1000
+        seconds = self.sim.step_seconds(prefill_tokens, decode_seqs, kctx) or self.sim.base_ms * self.sim.time_scale / 1000
         outputs: list[EngineCoreOutput] = []
         for rid, n in so.num_scheduled_tokens.items():
             req = self._requests[rid]
