@@ -59,22 +59,6 @@ def test_kernel_is_its_stated_arithmetic(ext, dtype, symmetric, rows):
     assert (got[0] == 0).all() if symmetric else True
 
 
-def test_decode_attention_learns_the_weights_that_follow_it(ext):
-    """weight_warm.h: each w8a8 linear notes its weight against the last decode attention's KV cache,
-    once, so that the next step's attention over that cache can prefetch it."""
-    from tidal.kv.quant_cache import allocate_kv_cache
-    kc, vc = allocate_kv_cache(4, 16, 1, 64, torch.bfloat16, torch.device("cpu"), "int8")
-    packed = [quant_ops.pack(quantize(torch.randn(n, 64), 8, None), "w8a8") for n in (96, 160)]
-    x = torch.randn(3, 64)
-    for _ in range(2):                                  # two decode steps: the notes do not repeat
-        torch.ops.tidal_kv.paged_decode_quant(torch.randn(1, 1, 64), *kc.parts(), *vc.parts(),
-                                              torch.zeros(1, 1, dtype=torch.long), torch.tensor([5]), 0.125, 8, 64)
-        for p in packed:
-            quant_ops.matmul(x, "w8a8", p)
-    notes = ext.weight_warm_after(kc.parts()[0].data_ptr())
-    assert notes == [(p[0].data_ptr(), p[0].numel()) for p in packed]
-
-
 def test_torch_fallback_agrees_with_the_kernel(ext, monkeypatch):
     qw = quantize(torch.randn(300, 128), 8, None)
     packed = quant_ops.pack(qw, "w8a8")

@@ -1,7 +1,6 @@
 // The Python bindings of every CPU op (declared in fused_ops.h), one module for the whole extension.
 #include <torch/extension.h>
 #include "fused_ops.h"
-#include "weight_warm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
@@ -19,10 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [rows, in] @ int8 weight.T with x rounded to int8 per row, oneDNN's int8 GEMM (w8a8_linear.cpp)");
   m.def("kv_quant_write", &kv_quant_write, "quantize K/V rows into an int8/int4 paged cache at slots (kv_quant_ops.cpp)");
   m.def("kv_dequant_blocks", &kv_dequant_blocks, "int8/int4 cache blocks -> dense bf16 or fp32 (kv_quant_ops.cpp)");
-  m.def("weight_warm_after", [](uintptr_t cache) {
-        std::vector<std::pair<uintptr_t, int64_t>> out;
-        for (const auto& s : warm_after(reinterpret_cast<const void*>(cache))) out.emplace_back(reinterpret_cast<uintptr_t>(s.first), s.second);
-        return out;
-      }, "(address, bytes) of the weights noted after the decode attention over this KV cache (weight_warm.h)");
   bind_decode_stack(m);
 }

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
-#include <utility>
 #include <vector>
 
 // In place, each of G rows of L scores -> its softmax (max-subtracted, fp32).
@@ -54,24 +53,6 @@ struct Lookahead {
     next(tables + (b + 1) * MB, nblk * kh / KVH, nblk * (kh + 1) / KVH, spans);
   }
   void none() { nb = 0; }
-  // and this thread's share of `warm` (weight_warm.h's spans), over `calls` step() calls in all
-  std::vector<std::pair<const char*, int64_t>> warm;
-  size_t ws = 0;
-  int64_t woff = 0, wend = 0, wper = 0;
-  template <typename Spans>
-  void warm_share(const Spans& spans, int thread, int threads, int64_t calls) {
-    warm.clear(), ws = 0, woff = wend = wper = 0;
-    int64_t total = 0;
-    for (const auto& x : spans) total += x.second;
-    const int64_t lo = total * thread / threads / 64 * 64, hi = total * (thread + 1) / threads / 64 * 64;
-    int64_t at = 0;
-    for (const auto& x : spans) {  // the spans' bytes [lo, hi)
-      const int64_t a = std::max(lo, at), b = std::min(hi, at + x.second);
-      if (a < b) warm.emplace_back(x.first + (a - at), b - a);
-      at += x.second;
-    }
-    wper = calls > 0 ? ((hi - lo) / 64 + calls - 1) / calls : 0;
-  }
   // the current item will call step() `calls` times
   void pace(int64_t calls) {
     int64_t lines = 0;
@@ -79,10 +60,6 @@ struct Lookahead {
     per = calls > 0 ? (lines * nb + calls - 1) / calls : 0;
   }
   inline void step() {
-    for (int64_t k = 0; k < wper && ws < warm.size(); ++k) {
-      __builtin_prefetch(warm[ws].first + woff, 0, 2);
-      if ((woff += 64) >= warm[ws].second) woff = 0, ++ws;
-    }
     for (int64_t k = 0; k < per && blk < nb; ++k) {
       const Span& x = span[s];
       __builtin_prefetch(x.base + ids[blk] * x.bytes + 64 * line, 0, 2);  // into L2

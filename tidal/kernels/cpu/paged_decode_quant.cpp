@@ -23,7 +23,6 @@
 #include <vector>
 #include "cpu_common.h"
 #include "avx512_common.h"
-#include "weight_warm.h"
 
 namespace {
 
@@ -205,16 +204,10 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
     fast = D == 64 ? int8_by_heads<64> : int8_by_heads<128>;
 #endif
 #endif
-  const WarmSpans warm = warm_after(kc.codes);
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qs(G * D);
     std::vector<int64_t> rows;
     Lookahead la;
-    if (!warm.empty()) {
-      int64_t calls = 0;  // this thread's step() calls: ~L / 16 + L / 4 an item
-      for (int64_t i = begin; i < end; ++i) calls += lp[i / KVH] * 5 / 16 + 1;
-      la.warm_share(warm, at::get_thread_num(), at::get_num_threads(), calls);
-    }
     auto bytes = [](const auto* p) { return reinterpret_cast<const char*>(p); };
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, kh = idx % KVH, L = lp[b];
@@ -238,7 +231,6 @@ at::Tensor paged_decode_quant(at::Tensor q, at::Tensor k_data, at::Tensor k_scal
       else attend_generic<4>(kc, vc, qs.data(), rows.data(), L, G, D, GS, scores, ob);
     }
   });
-  warm_note_attention(kc.codes);
   return out.to(q.scalar_type());
 }
 

@@ -10,7 +10,6 @@
 #include <cmath>
 #include "avx512_common.h"
 #include "fused_ops.h"
-#include "weight_warm.h"
 
 namespace {
 
@@ -103,7 +102,6 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c
   }
   auto y = torch::empty({x.size(0), N}, x.options());
   if (x.size(0) == 0) return y;
-  warm_note_weight(wq.data_ptr(), wq.numel());
   if (x.scalar_type() == at::kFloat) run<float>(x, wq, ws.data_ptr<float>(), zp, y);
   else run<at::BFloat16>(x, wq, ws.data_ptr<float>(), zp, y);
   return y;
