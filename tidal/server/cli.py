@@ -99,8 +99,8 @@ def add_serve_parser(subparsers, add_engine_flags) -> argparse.ArgumentParser:
                         "(only --model's tokenizer is loaded); for fleet and router tests")
     f.add_argument("--sim-config", default=None, metavar="FILE",
                    help="--simulate's settings as JSON: base_ms, prefill_ms_per_token, prefill_ms_per_token_kctx, "
-                        "decode_ms_per_seq, "
-                        "num_kv_blocks, eos_probability, time_scale (defaults: docs/benchmarks.md)")
+                        "decode_ms_per_seq, num_kv_blocks, eos_probability, time_scale (defaults: "
+                        "tidal/sim/latency.py, fitted by bench/calibrate_sim.py)")
     f.add_argument("--sim-base-ms", type=_number(float, 0), default=None, help="--simulate: a step's fixed ms")
     f.add_argument("--sim-prefill-ms-per-token", type=_number(float, 0), default=None,
                    help="--simulate: ms per uncached prompt token in a step")
