@@ -12,27 +12,24 @@ Prints each measured step against the fit and writes the fit as a `--sim-config`
 Must not: change the simulator's defaults itself (a person copies the figures, with the machine, into
 tidal/sim/latency.py and docs/benchmarks.md).
 
-    python bench/calibrate_sim.py [--model smollm2] [--dtype auto] [--out bench/out/sim_calibration.json]
+    python bench/calibrate_sim.py [--model smollm2] [--device auto] [--dtype auto] [--out bench/out/sim_calibration.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
-from tidal.engine.llm_engine import LLMEngine
+from tidal.bench import _wait_for_cpu_kernels
+from tidal.bench_record import machine
 from tidal.config import EngineConfig
+from tidal.engine.llm_engine import LLMEngine
 from tidal.sampling import SamplingParams
-
-
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
+from tidal.sim.latency import prefill_kctx
 
 
 class Timer:
@@ -58,7 +55,7 @@ class Timer:
             if n_req and total == n_req and n_req == len(prompts):
                 self.steps.append((0, n_req, 0.0, ms, label))
             elif n_req == 1 and total > 1:
-                self.steps.append((total, 0, total * (cached + total / 2) / 1000, ms, label))
+                self.steps.append((total, 0, prefill_kctx(total, cached), ms, label))
 
 
 def fit(steps: list[tuple]) -> tuple[float, float, float, float]:
@@ -72,13 +69,16 @@ def fit(steps: list[tuple]) -> tuple[float, float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-sizes", default="1,4,16,32")
     ap.add_argument("--prefill-lens", default="128,512,1024")
     ap.add_argument("--prefix-len", type=int, default=2048)
     ap.add_argument("--out", default="bench/out/sim_calibration.json")
     a = ap.parse_args()
-    engine = LLMEngine(EngineConfig.from_kwargs(model=a.model, dtype=a.dtype))
+    kw = dict(model=a.model, device=a.device, dtype=a.dtype)
+    _wait_for_cpu_kernels(kw)   # time the compiled kernels, not the fallback served while they build
+    engine = LLMEngine(EngineConfig.from_kwargs(**kw))
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(1000, 20000, (n,), generator=g).tolist()  # noqa: E731
     timer = Timer(engine)
@@ -95,7 +95,8 @@ def main() -> None:
     for bs in (int(v) for v in a.batch_sizes.split(",")):
         timer.run([prefix + ids(64) for _ in range(bs)], 17, f"decode, batch {bs}, context ~{a.prefix_len + 72}")
     base, per_tok, per_seq, per_kctx = fit(timer.steps)
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+    m = machine()
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load {m['load_average']}; "
           f"model {a.model}, dtype {a.dtype} ({engine.core.runner.dtype})")
     print(f"fit: base_ms {base:.1f}, prefill_ms_per_token {per_tok:.3f}, prefill_ms_per_token_kctx {per_kctx:.3f}, "
           f"decode_ms_per_seq {per_seq:.2f}")

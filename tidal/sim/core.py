@@ -27,7 +27,7 @@ from tidal.engine.core_io import EngineCoreOutput, EngineCoreRequest
 from tidal.engine.request import Request
 from tidal.engine.scheduler import Scheduler
 from tidal.engine.stop_checks import check_stop, eos_ids
-from tidal.sim.latency import SimConfig
+from tidal.sim.latency import SimConfig, prefill_kctx
 from tidal.kv.block_manager import BlockManager
 from tidal.weights.generation_config import generation_defaults
 from tidal.weights.loader import open_checkpoint
@@ -110,7 +110,7 @@ class SimulatedCore(CoreBase):
                 decode_seqs += 1
             else:   # a prompt chunk, or a preempted request's recompute
                 prefill_tokens += n
-                kctx += n * (req.num_computed_tokens + n / 2) / 1000   # its tokens' mean context
+                kctx += prefill_kctx(n, req.num_computed_tokens)
         self.last_step_shape, self.last_step_kctx = (prefill_tokens, decode_seqs), kctx
         # nothing fit (the pool is full of running requests' blocks): wait a base step rather than spin
         seconds = self.sim.step_seconds(prefill_tokens, decode_seqs, kctx) or self.sim.base_ms * self.sim.time_scale / 1000

@@ -18,6 +18,12 @@ from dataclasses import asdict, dataclass, fields
 from tidal.errors import TidalError
 
 
+def prefill_kctx(tokens: int, computed_before: int) -> float:
+    """A prompt chunk's context term: its tokens times their mean context (the tokens before each), in
+    thousands; what `prefill_ms_per_token_kctx` multiplies (bench/calibrate_sim.py fits with it too)."""
+    return tokens * (computed_before + tokens / 2) / 1000
+
+
 @dataclass
 class SimConfig:
     base_ms: float = 18.9                    # a step's fixed cost (the weights streamed once per step)
