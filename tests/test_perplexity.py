@@ -1,13 +1,14 @@
 """Quality under compression: SmolLM2's perplexity on 4096 tokens of pydoc_data.topics (tidal/eval/perplexity.py)
 with fp32, int8 / int4 / w8a8 weights and int8 / int4 KV cache. int8 must stay within +1% of fp32; int4 is recorded.
-w8a8 also rounds every matmul's activations to int8 per token: +4.1% on this model (opt-in for batch speed)."""
+w8a8 also rounds every matmul's activations to int8 per token, smoothed per channel first (model/smooth.py):
++0.91% on this model (+3.7% without the smoothing); opt-in for batch speed."""
 import math
 
 import pytest
 
 from tidal.eval.perplexity import CONFIGS, evaluate, reference_text
 
-INT8_BOUND, INT4_BOUND, W8A8_BOUND = 0.01, 0.25, 0.06
+INT8_BOUND, INT4_BOUND, W8A8_BOUND = 0.01, 0.25, 0.015
 
 
 def test_reference_text_is_fixed_and_long():

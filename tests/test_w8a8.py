@@ -23,10 +23,11 @@ def ext():
     return e
 
 
-def _arithmetic(x, qw):
-    """What w8a8_linear states it computes, in float64: x rounded to int8 steps of max|x|/127 per row,
-    times the weight as signed bytes (q - 128) * scale, plus (min + 128 * scale) * the row's exact sum."""
-    xf = x.float()
+def _arithmetic(x, qw, smooth=None):
+    """What w8a8_linear states it computes, in float64: x (times `smooth` per channel) rounded to int8 steps
+    of max|x|/127 per row, times the weight as signed bytes (q - 128) * scale, plus (min + 128 * scale) * the
+    row's exact sum."""
+    xf = x.float() if smooth is None else x.float() * smooth
     step = xf.abs().amax(-1, keepdim=True) / 127                   # fp32, as the kernel rounds
     xi = torch.round(xf * torch.where(step > 0, 1 / step, 0)).double()
     q = qw.qdata.double() - 128
@@ -37,31 +38,35 @@ def _arithmetic(x, qw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("rows", [1, 17, 300])          # 300: several row tiles (128 each)
-def test_kernel_is_its_stated_arithmetic(ext, dtype, symmetric, rows):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_kernel_is_its_stated_arithmetic(ext, dtype, symmetric, rows, smoothed):
     g = torch.Generator().manual_seed(rows)
     n, k = 5000, 192                                    # 5000 columns: several column tiles, and a ragged one
     qw = quantize(torch.randn(n, k, generator=g) * 0.05 + 0.01, 8, None, symmetric=symmetric)
-    packed = quant_ops.pack(qw, "w8a8")
+    smooth = torch.rand(k, generator=g) * 2 + 0.1 if smoothed else None
+    packed = quant_ops.pack(qw, "w8a8", smooth)
     assert (packed[2] is None) == symmetric             # symmetric rows: no zero-point term at all
     x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
     x[0] = 0                                            # an all-zero row: step 1, output 0 (+ nothing)
     got = quant_ops.matmul(x, "w8a8", packed)
-    want = _arithmetic(x, qw)
+    want = _arithmetic(x, qw, smooth)
     assert got.dtype == dtype and got.shape == (rows, n)
     ulp = 2 ** -7 if dtype == torch.bfloat16 else 1e-5  # one output rounding to bf16; fp32 summation order
     # -ffast-math may round x * (1 / step) a hair differently from torch, so an activation within 1e-5 of
     # a .5 tie (bf16 inputs make them common) may land on the neighbouring int8 step: allow one per tie
-    step = x.float().abs().amax(-1, keepdim=True) / 127
-    scaled = x.float() * torch.where(step > 0, 1 / step, 0)
+    xs = x.float() if smooth is None else x.float() * smooth
+    step = xs.abs().amax(-1, keepdim=True) / 127
+    scaled = xs * torch.where(step > 0, 1 / step, 0)
     ties = ((scaled - scaled.floor() - 0.5).abs() < 1e-5).sum(-1, keepdim=True)
     flips = (ties * step).double() * dequantize(qw).double().abs().amax(-1).view(1, -1)
     assert ((got.double() - want).abs() <= want.abs() * ulp + 1e-3 + flips).all()
     assert (got[0] == 0).all() if symmetric else True
 
 
-def test_torch_fallback_agrees_with_the_kernel(ext, monkeypatch):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_torch_fallback_agrees_with_the_kernel(ext, monkeypatch, smoothed):
     qw = quantize(torch.randn(300, 128), 8, None)
-    packed = quant_ops.pack(qw, "w8a8")
+    packed = quant_ops.pack(qw, "w8a8", torch.rand(128) + 0.5 if smoothed else None)
     x = torch.randn(40, 128)                            # fp32: no .5 ties in the rounding (see above)
     kernel = quant_ops.matmul(x, "w8a8", packed)
     monkeypatch.setattr(cpu, "ready", lambda: None)     # kernels not built yet

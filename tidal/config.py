@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
 # --quant: w8a8 stores weights as int8 (per row, like int8) and also rounds activations to int8 per
-# token, so the planner sizes it as int8 (`weight_format`)
+# token (smoothed, model/smooth.py), so the planner sizes it as int8 (`weight_format`)
 WEIGHT_QUANTS = ("none", "int8", "int4", "w8a8")
 
 
@@ -191,8 +191,8 @@ ENGINE_FLAGS = [
                                   "before running prefills that need more (default 0: first come, first served); "
                                   "cuts the TTFT tail of prefix-cached requests queued behind a long cold prompt"),
     ("quant", str, "weight quantization: none, int8, int4, or w8a8 (int8 weights and int8 activations rounded per "
-                   "token: oneDNN's int8 GEMM, ~1.7x bf16's matmul speed on AVX-512 VNNI CPUs for batches; CPU only; "
-                   "SmolLM2 perplexity +4%%, so opt-in)"),
+                   "token, smoothed per channel on calibration text at load: oneDNN's int8 GEMM, ~1.7x bf16's matmul "
+                   "speed on AVX-512 VNNI CPUs for batches; CPU only; SmolLM2 perplexity +0.9%%, so opt-in)"),
     ("quant_head", str, "LM head quantization, group 32: none (default: the checkpoint's precision), int8 "
                         "(symmetric, GGUF Q8_0's grid; needs AVX-512 VNNI), int4 (perplexity +5.5%% on SmolLM2) or "
                         "w8a8 (per row, activations rounded per token: for batches; CPU only); "

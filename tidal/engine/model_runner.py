@@ -5,7 +5,8 @@ engine/resolve.py), its own per-request state (engine/input_batch.py's `InputBat
 `SchedulerOutput`), building the flat batch tensors from that state, the forward pass, and sampling
 (the sampled tokens are appended to its state). When the policy offloads weights or micro-batches a
 step, the model is built and each step run by engine/offload_runner.py; both schedules share
-`prepare_batch` and `_sample`.
+`prepare_batch` and `_sample`. For --quant w8a8 it first measures the float model's activations on
+calibration text (model/smooth.py) so quantize_model can smooth each layer.
 Must not: decide who runs (the scheduler does), touch request lifecycles (the engine does), or read
 scheduler- or engine-owned objects (`Request`, the block manager): it knows only the step messages
 (engine/step_io.py), so the same messages could drive several worker processes.
@@ -32,6 +33,7 @@ from tidal.sampling import Sampler, SamplingMetadata
 from tidal.structured.bitmask import GrammarBitmask, apply_bitmask
 from tidal.weights.dummy import fill_dummy
 from tidal.model.quantize import quantize_head, quantize_model
+from tidal.model.smooth import CALIBRATION_TOKENS, activation_maxima, calibration_text
 
 
 class ModelRunner:
@@ -58,7 +60,9 @@ class ModelRunner:
             self.model = build_model(hf, self.device, self.dtype, max_position=model_len)
             self._load_weights(verbose, quant)
             if quant is not None:
-                quantize_model(self.model, *quant, w8a8=self.config.quant == "w8a8")
+                w8a8 = self.config.quant == "w8a8"
+                quantize_model(self.model, *quant, w8a8=w8a8,
+                               act_maxima=self._calibrate(verbose) if w8a8 else None)
             if self.config.quant_head != "none":
                 quantize_head(self.model, self.config.quant_head)
             backend = get_backend(self.device)
@@ -108,6 +112,18 @@ class ModelRunner:
             self.model.load_weights((name, t.to(self.device, non_blocking=True)) for name, t in tensors)
         except ValueError as e:
             raise TidalError(f"{self.checkpoint.path}: weights do not fit the model ({e})", param="model") from None
+
+    def _calibrate(self, verbose: bool) -> dict[str, torch.Tensor]:
+        """--quant w8a8: each layer's activation maxima on model/smooth.py's calibration text (one prefill
+        of ~1k tokens through the float model), for smoothing before rounding."""
+        t0 = time.perf_counter()
+        tokenizer = self.checkpoint.load_tokenizer(self.config.tokenizer)
+        ids = tokenizer.encode(calibration_text())[:CALIBRATION_TOKENS]
+        maxima = activation_maxima(self.model, ids)
+        if verbose:
+            print(f"[tidal] --quant w8a8: smoothing calibrated on {len(ids)} tokens in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        return maxima
 
     def kv_bytes_per_block(self) -> int:
         return self.resolved.kv_bytes_per_block

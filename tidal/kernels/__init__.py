@@ -42,7 +42,7 @@ class TorchBackend:
         the layer dequantizes into a float buffer instead ("dequant"), which runs anywhere."""
         return ()
 
-    def pack_quant_linear(self, qw, path: str):
+    def pack_quant_linear(self, qw, path: str, act_scale=None):
         raise ValueError(f"the {self.name} backend has no quantized matmul path '{path}'")
 
     def quant_linear(self, x, path: str, packed):

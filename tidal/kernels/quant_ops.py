@@ -16,6 +16,7 @@ Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one in
   (`torch._int_mm`: 2x bf16's multiply rate on AVX-512 VNNI), then the per-row and per-token scales.
   kernels/cpu/w8a8_linear.cpp fuses the rounding and the rescale (1.5-1.75x the bf16 matmul at 64+
   rows on SmolLM2's shapes, ~2.5x at one row); before the kernels are built the same arithmetic runs in torch ops.
+  An optional per-input-channel activation scale (SmoothQuant, model/smooth.py) is applied while rounding.
 Both run in bf16: their fp32 code is 10-30x slower (scalar), so fp32 inputs are cast to bf16 and
 the result back; the activations lose bf16 rounding, far below int4/int8 weight error.
 Also `scratch`: the one float buffer per (dtype, device) that every dequantizing matmul writes a
@@ -82,8 +83,12 @@ def _has_int_mm() -> bool:
         return False
 
 
-def pack(qw, path: str) -> tuple:
+def pack(qw, path: str, act_scale: torch.Tensor | None = None) -> tuple:
+    """`act_scale` ("w8a8" only): a per-input-channel factor the activations are multiplied by before
+    they are rounded (SmoothQuant's 1 / s, model/smooth.py; the weight's columns already carry s)."""
     out_features, in_features = qw.shape
+    if act_scale is not None and path != "w8a8":
+        raise ValueError(f"an activation scale only applies to the w8a8 path, not '{path}'")
     if path in ("int4vnni", "int8vnni"):
         return _vnni_kernels(), qw.qdata.contiguous(), qw.scale.half().contiguous(), qw.min.half().contiguous()
     if path == "int4pack":
@@ -99,7 +104,8 @@ def pack(qw, path: str) -> tuple:
         qint8 = (qw.qdata.to(torch.int16) - 128).to(torch.int8).contiguous()
         scale, mn = qw.scale.float().view(-1), qw.min.float().view(-1)
         zero = mn + 128 * scale
-        return qint8, scale.contiguous(), zero if bool(zero.any()) else None
+        smooth = None if act_scale is None else act_scale.float().contiguous()
+        return qint8, scale.contiguous(), zero if bool(zero.any()) else None, smooth
     if path == "int8pack":
         # the kernel is symmetric (w = q * scale); our q is unsigned with a min, so shift q by 128 and
         # add the remainder, x . (min + 128 * scale) per output, after the matmul
@@ -130,11 +136,14 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
     return torch.addr(y.float(), x.float().sum(-1), zero).to(x.dtype)
 
 
-def _w8a8(x: torch.Tensor, qint8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+def _w8a8(x: torch.Tensor, qint8: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+          smooth: torch.Tensor | None) -> torch.Tensor:
     ext = cpu_kernels.ready()
     if ext is not None and hasattr(ext, "w8a8_linear") and x.dtype in (torch.float32, torch.bfloat16):
-        return ext.w8a8_linear(x.contiguous(), qint8, scale, zero)
+        return ext.w8a8_linear(x.contiguous(), qint8, scale, zero, smooth)
     xf = x.float()   # the same arithmetic in torch ops (kernels not built yet, or another dtype)
+    if smooth is not None:
+        xf = xf * smooth
     step = xf.abs().amax(-1, keepdim=True) / 127
     step = torch.where(step > 0, step, torch.ones_like(step))
     y = torch._int_mm(torch.round(xf / step).to(torch.int8), qint8.t()).float() * step * scale

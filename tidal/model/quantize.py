@@ -5,7 +5,8 @@ embeddings, the LM head and norms alone (they stay in the model dtype); `quantiz
 int8 / int4: the LM head gets a group-wise copy; at batch-1 decode SmolLM2's bf16 head is ~2 ms of a
 ~6-8 ms int4 step; int8 is Q8_0's grid, lossless for SmolLM2's GGUF, int4 costs +5.5% perplexity; w8a8 is
 per row on the "w8a8" path, for batches; opt-in); --quant w8a8 (int8 per row, symmetric, and every matmul
-rounds its activations to int8 per token: path "w8a8", which `quantize_model` names for each layer); a
+rounds its activations to int8 per token: path "w8a8", which `quantize_model` names for each layer;
+given activation maxima, each layer is smoothed first, model/smooth.py); a
 layer whose weight arrived already quantized in the asked format (GGUF Q4_1, a `tidal quantize`
 directory) keeps those bits. Also `resolve_quantization` (--quant against what a checkpoint holds)
 and `check_group_sizes`.
@@ -22,6 +23,7 @@ from torch import nn
 from tidal.errors import TidalError
 from tidal.model.layers.linear import Linear, MergedLinear
 from tidal.model.layers.quant_linear import QuantLinear, fitting_paths
+from tidal.model.smooth import smoothing_factors
 from tidal.weights.quant import check_group_size, dequantize, quantize
 
 # int4 in groups of 32: GGUF Q4_1's grid, so re-quantizing the default model (smollm2, Q4_1) from fp32
@@ -84,13 +86,14 @@ def _one_thread():
 
 def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
                    scale_dtype: torch.dtype = torch.float16, dense_min_rows: int | None = None,
-                   w8a8: bool = False) -> dict[str, str]:
+                   w8a8: bool = False, act_maxima: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     """Replace the model's Linear/MergedLinear modules by QuantLinear; returns {module name: matmul path}.
 
     `group_size`: 0 picks the default for `bits` (int4: 32, int8: one group per row); None is one
     group per row. `dense_min_rows`: see QuantLinear (trades memory for prefill speed).
     `w8a8` (--quant w8a8; int8 per row): weights rounded symmetric per row, and every matmul also
     rounds its activations to int8 per token (path "w8a8"); refused where no backend runs it.
+    `act_maxima` (w8a8 only; model/smooth.py's `activation_maxima`): each named layer is smoothed first.
     """
     # check them all before changing any, so a bad size leaves the model whole
     group_size = check_group_sizes(model, bits, group_size)
@@ -104,17 +107,24 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = 0,
     with _one_thread():
         for name, m in targets:
             qw = m.take_quantized()
-            if qw is not None and (qw.bits, qw.group_size) != (bits, group_size or m.in_features):
+            smooth = act_maxima.get(name) if w8a8 and act_maxima else None
+            if qw is not None and (smooth is not None or
+                                   (qw.bits, qw.group_size) != (bits, group_size or m.in_features)):
                 dequantize(qw, m.weight.dtype, out=m.weight.data)  # another format: requantize from floats
                 qw = None
+            act_scale = None
             if qw is None:
-                qw = quantize(m.weight.data, bits, group_size, scale_dtype, symmetric=w8a8)
+                weight = m.weight.data
+                if smooth is not None:
+                    s = smoothing_factors(smooth, weight)
+                    weight, act_scale = weight.float() * s, 1 / s
+                qw = quantize(weight, bits, group_size, scale_dtype, symmetric=w8a8)
             if path is not None and path not in fitting_paths(qw, qw.qdata.device):
                 raise TidalError(f"--quant w8a8 has no kernel on {qw.qdata.device} (it runs on CPU: oneDNN's int8 "
                                  "GEMM); use --quant int8 there", param="quant")
             bias = None if m.bias is None else m.bias.data
             out_sizes = m.out_sizes if isinstance(m, MergedLinear) else None
-            q = QuantLinear(qw, bias, out_sizes, path=path, dense_min_rows=dense_min_rows)
+            q = QuantLinear(qw, bias, out_sizes, path=path, dense_min_rows=dense_min_rows, act_scale=act_scale)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
             paths[name] = q.path

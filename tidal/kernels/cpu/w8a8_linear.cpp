@@ -3,7 +3,9 @@
 // oneDNN through at::_int_mm (AVX-512 VNNI: twice bf16's multiply rate on a CPU without AMX), and
 // the rescale fused here, tile by tile:
 //   y[m, n] = acc[m, n] * a[m] * ws[n]  (+ rowsum(x)[m] * wz[n] where the weights have a zero point)
-// with a[m] = max|x[m, :]| / 127. The GEMM runs in tiles of rows and columns so each tile's int32
+// with a[m] = max|x[m, :]| / 127. With `smooth` (SmoothQuant, model/smooth.py), x is first multiplied
+// by smooth[k] per input channel (the weight's columns were divided by it before rounding).
+// The GEMM runs in tiles of rows and columns so each tile's int32
 // result is rescaled while it is still in cache. tests/test_w8a8.py compares it with the same arithmetic in torch.
 #include <torch/extension.h>
 #include <algorithm>
@@ -19,17 +21,19 @@ constexpr int64_t TILE_INTS = 1 << 18;   // 1 MiB of int32 results per tile
 template <typename T>
 inline float load_f32(const T* p) { return static_cast<float>(*p); }
 
-// one row: xq = round(x / a), a = max|x| / 127 (1 for an all-zero row), sum = sum(x)
+// one row: xq = round(x / a), a = max|x| / 127 (1 for an all-zero row), sum = sum(x), where x is
+// the row times `smooth` per channel when given
 template <typename T>
-void quantize_row(const T* x, int64_t K, int8_t* q, float* a, float* sum) {
+void quantize_row(const T* x, const float* smooth, int64_t K, int8_t* q, float* a, float* sum, float* buf) {
   float amax = 0.f, s = 0.f;
   for (int64_t k = 0; k < K; ++k) {
-    const float v = load_f32(x + k);
+    const float v = smooth ? load_f32(x + k) * smooth[k] : load_f32(x + k);
+    buf[k] = v;
     amax = std::max(amax, std::fabs(v));
     s += v;
   }
   const float step = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / step;
-  for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(load_f32(x + k) * inv));
+  for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(buf[k] * inv));
   *a = step;
   *sum = s;
 }
@@ -56,14 +60,19 @@ void rescale_row(const int32_t* acc, int64_t N, float a, float rowsum, const flo
 }
 
 template <typename T>
-void run(const torch::Tensor& x, const torch::Tensor& wq, const float* ws, const float* wz, torch::Tensor& y) {
+void run(const torch::Tensor& x, const torch::Tensor& wq, const float* ws, const float* wz, const float* smooth,
+         torch::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = wq.size(0);
   auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   std::vector<float> a(M), rowsum(M);
   const T* xp = x.data_ptr<T>();
   int8_t* qp = xq.data_ptr<int8_t>();
-#pragma omp parallel for schedule(static)
-  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, qp + m * K, &a[m], &rowsum[m]);
+#pragma omp parallel
+  {
+    std::vector<float> buf(K);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, smooth, K, qp + m * K, &a[m], &rowsum[m], buf.data());
+  }
   const auto wt = wq.t();
   T* yp = y.data_ptr<T>();
   // tiles of at most CHUNK_ROWS x cols int32, into one reused buffer: a fresh [M, N] int32 result
@@ -88,7 +97,8 @@ void run(const torch::Tensor& x, const torch::Tensor& wq, const float* ws, const
 
 }  // namespace
 
-torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> wz) {
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> wz,
+                          c10::optional<torch::Tensor> smooth) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "w8a8_linear: x must be a contiguous fp32 or bf16 [rows, in] tensor");
   TORCH_CHECK(wq.dim() == 2 && wq.is_contiguous() && wq.scalar_type() == at::kChar && wq.size(1) == x.size(1),
@@ -100,9 +110,15 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c
     TORCH_CHECK(wz->scalar_type() == at::kFloat && wz->is_contiguous() && wz->numel() == N, "w8a8_linear: wz must be fp32 [out]");
     zp = wz->data_ptr<float>();
   }
+  const float* sp = nullptr;
+  if (smooth.has_value()) {
+    TORCH_CHECK(smooth->scalar_type() == at::kFloat && smooth->is_contiguous() && smooth->numel() == x.size(1),
+                "w8a8_linear: smooth must be fp32 [in]");
+    sp = smooth->data_ptr<float>();
+  }
   auto y = torch::empty({x.size(0), N}, x.options());
   if (x.size(0) == 0) return y;
-  if (x.scalar_type() == at::kFloat) run<float>(x, wq, ws.data_ptr<float>(), zp, y);
-  else run<at::BFloat16>(x, wq, ws.data_ptr<float>(), zp, y);
+  if (x.scalar_type() == at::kFloat) run<float>(x, wq, ws.data_ptr<float>(), zp, sp, y);
+  else run<at::BFloat16>(x, wq, ws.data_ptr<float>(), zp, sp, y);
   return y;
 }

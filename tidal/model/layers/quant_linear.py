@@ -40,7 +40,10 @@ class QuantLinear(nn.Module):
     """Drop-in for Linear (and MergedLinear when `out_sizes` is given: `forward_split` works)."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None,
-                 out_sizes: list[int] | None = None, path: str | None = None, dense_min_rows: int | None = None):
+                 out_sizes: list[int] | None = None, path: str | None = None, dense_min_rows: int | None = None,
+                 act_scale: torch.Tensor | None = None):
+        """`act_scale` (path "w8a8" only): the activations are multiplied by it per input channel before
+        they are rounded; `qw` already holds the weight with its columns divided by it (model/smooth.py)."""
         super().__init__()
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
@@ -50,6 +53,8 @@ class QuantLinear(nn.Module):
         if self.path not in fitting_paths(qw, device):
             raise ValueError(f"path '{self.path}' cannot run int{qw.bits} group {qw.group_size} "
                              f"[{self.out_features}, {self.in_features}] on {device}")
+        if act_scale is not None and (self.path != "w8a8" or dense_min_rows is not None):
+            raise ValueError("an activation scale needs the w8a8 path, without dense_min_rows")
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.dense_min_rows = None if self.path == "dequant" else dense_min_rows
         keep = self.path == "dequant" or self.dense_min_rows is not None
@@ -59,7 +64,8 @@ class QuantLinear(nn.Module):
         self.backend = self.packed = None
         if self.path != "dequant":
             self.backend = get_backend(device)
-            self.packed = self.backend.pack_quant_linear(qw, self.path)
+            self.packed = self.backend.pack_quant_linear(qw, self.path, act_scale)
+        self.smoothed = act_scale is not None
 
     @property
     def qw(self) -> QuantizedWeight | None:
@@ -90,4 +96,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, path={self.path}, dense_min_rows={self.dense_min_rows}")
+                f"group_size={self.group_size}, path={self.path}, dense_min_rows={self.dense_min_rows}"
+                + (", smoothed" if self.smoothed else ""))

@@ -1,0 +1,77 @@
+"""SmoothQuant for --quant w8a8 (model/smooth.py): the calibration pass sees every linear layer's input and
+leaves the model as it was, smoothing is exact before rounding and cuts the rounding error where a few
+channels carry outliers, and quantize_model smooths exactly the layers it has maxima for."""
+import torch
+
+from model_utils import all_logits, make_runner
+from test_int4_kernels import _tiny
+from test_w8a8 import ext  # noqa: F401  (the fixture: built kernels with torch._int_mm)
+from tidal.model.layers.linear import Linear
+from tidal.model.layers.quant_linear import QuantLinear
+from tidal.model.quantize import quantize_model
+from tidal.model.smooth import activation_maxima, calibration_text, smoothing_factors
+from tidal.weights.quant import quantize
+
+
+def _w8a8(weight, act_max=None):
+    if act_max is None:
+        return QuantLinear(quantize(weight, 8, None, symmetric=True), path="w8a8")
+    s = smoothing_factors(act_max, weight)
+    return QuantLinear(quantize(weight * s, 8, None, symmetric=True), path="w8a8", act_scale=1 / s)
+
+
+def test_smoothing_cuts_the_rounding_error_of_outlier_channels(ext):  # noqa: F811
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 128, generator=g) * 0.05
+    x = torch.randn(64, 128, generator=g)
+    x[:, [3, 77, 100]] *= 60                       # a few channels tens of times larger, as in LLM activations
+    exact = x @ weight.T
+    plain = (_w8a8(weight)(x) - exact).norm()
+    smoothed = (_w8a8(weight, x.abs().amax(0))(x) - exact).norm()
+    assert smoothed < 0.5 * plain, (smoothed, plain)
+
+
+def test_smoothing_alone_changes_nothing(ext):  # noqa: F811
+    g = torch.Generator().manual_seed(1)
+    weight, x = torch.randn(64, 32, generator=g), torch.randn(8, 32, generator=g)
+    s = smoothing_factors(x.abs().amax(0) * 10, weight)
+    assert s.shape == (32,) and (s > 0).all()
+    torch.testing.assert_close((x / s) @ (weight * s).T, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_maxima_cover_every_linear_and_leave_the_model_as_it_was():
+    runner = make_runner(_tiny("llama"))
+    prompts = [list(range(3, 43))]
+    before = all_logits(runner, prompts)[0]
+    maxima = activation_maxima(runner.model, list(range(5, 60)))
+    linears = {n: m for n, m in runner.model.named_modules() if isinstance(m, Linear)}
+    assert set(maxima) == set(linears) and len(linears) == 8      # 2 layers x (qkv, o, gate_up, down)
+    for name, m in linears.items():
+        assert maxima[name].shape == (m.in_features,) and (maxima[name] >= 0).all() and maxima[name].max() > 0
+        assert "forward" not in vars(m)                          # the observer is gone
+    torch.testing.assert_close(all_logits(runner, prompts)[0], before)
+    again = activation_maxima(runner.model, list(range(5, 60)))
+    assert all(torch.equal(again[n], maxima[n]) for n in maxima)
+
+
+def test_quantize_model_smooths_the_layers_it_has_maxima_for(ext):  # noqa: F811
+    runner = make_runner(_tiny("llama"))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 40)]
+    ref = torch.cat(all_logits(runner, prompts))
+    maxima = activation_maxima(runner.model, torch.randint(0, 128, (64,), generator=g).tolist())
+    skipped = "layers.1.mlp.down_proj"
+    paths = quantize_model(runner.model, 8, None, w8a8=True, act_maxima={n: a for n, a in maxima.items() if n != skipped})
+    assert set(paths.values()) == {"w8a8"}
+    smoothed = {n: m.smoothed for n, m in runner.model.named_modules() if isinstance(m, QuantLinear)}
+    assert smoothed == {n: n != skipped for n in maxima}
+    got = torch.cat(all_logits(runner, prompts))
+    err, span = (got - ref).abs().max().item(), (ref.max() - ref.min()).item()
+    assert 0 < err <= 0.05 * span, (err, span)
+
+
+def test_calibration_text_is_fixed_and_long_enough():
+    text = calibration_text()
+    assert text == calibration_text() and len(text) > 8 * 1024   # ~4 characters a token: over 1k tokens
+    import pydoc_data.topics                                       # never the perplexity evaluation's text
+    assert not any(t[:200] in text for t in pydoc_data.topics.topics.values() if len(t) > 200)
