@@ -97,15 +97,15 @@ inline void gemv_tile(const uint8_t* qw, const at::Half* ws, const at::Half* wm,
       }
     }
   }
-  // the weight stream runs ahead of the compute: prefetch PREFETCH_TILES tiles on, two lines a chunk
+  // the weight stream runs ahead of the compute: prefetch PREFETCH_TILES tiles on, spread over the chunks,
+  // every line of the tile, into L2 (T1). On Zen 4 the int8 LM head (49152 x 576, from memory) took 1.55 ms
+  // with two lines a chunk into L1 (half an int8 tile's lines), 1.50 with all of them, 0.85 with all into L2
   const char* ahead = reinterpret_cast<const char*>(qw + (n + NR * PREFETCH_TILES) * RB);
   const char* end = reinterpret_cast<const char*>(qw + N * RB);
   const int64_t tile_bytes = NR * RB, step = (tile_bytes + NC - 1) / NC;
   for (int64_t c = 0; c < NC; ++c) {
-    if (ahead + c * step < end) {
-      _mm_prefetch(ahead + c * step, _MM_HINT_T0);
-      _mm_prefetch(ahead + c * step + 64, _MM_HINT_T0);
-    }
+    for (int64_t l = 0; l < step; l += 64)
+      if (ahead + c * step + l < end) _mm_prefetch(ahead + c * step + l, _MM_HINT_T1);
     __m512i w[NR];
     for (int j = 0; j < NR; ++j) {
       if (BITS == 8) {
