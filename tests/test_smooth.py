@@ -75,3 +75,23 @@ def test_calibration_text_is_fixed_and_long_enough():
     assert text == calibration_text() and len(text) > 8 * 1024   # ~4 characters a token: over 1k tokens
     import pydoc_data.topics                                       # never the perplexity evaluation's text
     assert not any(t[:200] in text for t in pydoc_data.topics.topics.values() if len(t) > 200)
+
+
+def test_engine_calibrates_a_small_model_within_its_length_and_vocabulary(tmp_path):
+    """--quant w8a8 through LLM: a model of 256 positions and 128 ids, with SmolLM2's tokenizer (49k ids),
+    calibrates on what fits, smooths every layer, and generates."""
+    import transformers
+
+    from test_offload import _save
+    from tidal import LLM, SamplingParams
+    from tidal.weights.loader import open_checkpoint
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    path = _save(tmp_path / "m", cfg, open_checkpoint("smollm2").load_tokenizer())
+    llm = LLM(path, device="cpu", dtype="float32", quant="w8a8", num_kv_blocks=64)
+    layers = [m for m in llm.engine.core.runner.model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 8 and all(m.smoothed and m.path == "w8a8" for m in layers)
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4

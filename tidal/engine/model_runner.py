@@ -118,7 +118,9 @@ class ModelRunner:
         of ~1k tokens through the float model), for smoothing before rounding."""
         t0 = time.perf_counter()
         tokenizer = self.checkpoint.load_tokenizer(self.config.tokenizer)
-        ids = tokenizer.encode(calibration_text())[:CALIBRATION_TOKENS]
+        # no longer than the model takes, and only ids it has rows for (a test model may borrow a bigger vocabulary)
+        ids = [t for t in tokenizer.encode(calibration_text()) if t < self.resolved.vocab_size]
+        ids = ids[:min(CALIBRATION_TOKENS, self.max_model_len)]
         maxima = activation_maxima(self.model, ids)
         if verbose:
             print(f"[tidal] --quant w8a8: smoothing calibrated on {len(ids)} tokens in "
