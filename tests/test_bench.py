@@ -71,6 +71,16 @@ def test_record_schema_and_rates():
     assert "10.00" in table and "5.00" in table and "different workloads" in table
 
 
+def test_table_labels_name_the_quantization():
+    w = make_workload(2, (10, 10), (5, 5), seed=0, vocab_size=500)
+    args = {"quant": "w8a8", "quant_head": "w8a8", "kv_quant": "int8"}
+    rec = make_record(w, {"name": "tidal", "dtype": "bfloat16", "args": args}, make_results(w, 2.0, 1.0))
+    plain = make_record(w, {"name": "tidal", "dtype": "bfloat16", "args": {"quant": "none", "kv_quant": "none"}},
+                        make_results(w, 2.0, 1.0))
+    header = format_table([rec, plain]).splitlines()[1]
+    assert "tidal bfloat16 w8a8 head=w8a8 kv=int8" in header and header.count("kv=") == 1
+
+
 def test_register_bench_command(monkeypatch):
     monkeypatch.setattr(bench, "_COMMANDS", dict(bench._COMMANDS))
     seen = {}

@@ -69,9 +69,10 @@ def _label(r: dict) -> str:
     e = r["engine"]
     extra = f" bs={e['batch_size']}" if e.get("batch_size") else ""
     args = e.get("args") or {}
-    quant, head = args.get("quant"), args.get("quant_head")
+    quant, head, kv = args.get("quant"), args.get("quant_head"), args.get("kv_quant")
     extra += f" {quant}" if quant not in (None, "none") else ""
     extra += f" head={head}" if head not in (None, "none") else ""
+    extra += f" kv={kv}" if kv not in (None, "none") else ""
     return f"{e['name']} {e.get('dtype', '')}{extra}".strip()
 
 
