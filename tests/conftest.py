@@ -93,3 +93,14 @@ def _transformers_tokenizer_by_default():
     yield
     from tidal.weights.loader import use_light_tokenizer
     use_light_tokenizer(False)
+
+
+@pytest.fixture(scope="module")
+def w8a8_ext():
+    """The compiled CPU kernels, for tests of the w8a8 path (skipped where torch has no CPU int8 GEMM)."""
+    from tidal.kernels import cpu, quant_ops
+    e = cpu.load()
+    assert e is not None, "the CPU kernels failed to build (see stderr)"
+    if not quant_ops._has_int_mm():
+        pytest.skip("this torch has no CPU int8 GEMM (torch._int_mm)")
+    return e

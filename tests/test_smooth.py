@@ -5,7 +5,6 @@ import torch
 
 from model_utils import all_logits, make_runner
 from test_int4_kernels import _tiny
-from test_w8a8 import ext  # noqa: F401  (the fixture: built kernels with torch._int_mm)
 from tidal.model.layers.linear import Linear
 from tidal.model.layers.quant_linear import QuantLinear
 from tidal.model.quantize import quantize_model
@@ -20,7 +19,7 @@ def _w8a8(weight, act_max=None):
     return QuantLinear(quantize(weight * s, 8, None, symmetric=True), path="w8a8", act_scale=1 / s)
 
 
-def test_smoothing_cuts_the_rounding_error_of_outlier_channels(ext):  # noqa: F811
+def test_smoothing_cuts_the_rounding_error_of_outlier_channels(w8a8_ext):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 128, generator=g) * 0.05
     x = torch.randn(64, 128, generator=g)
@@ -31,7 +30,7 @@ def test_smoothing_cuts_the_rounding_error_of_outlier_channels(ext):  # noqa: F8
     assert smoothed < 0.5 * plain, (smoothed, plain)
 
 
-def test_smoothing_alone_changes_nothing(ext):  # noqa: F811
+def test_smoothing_alone_changes_nothing():
     g = torch.Generator().manual_seed(1)
     weight, x = torch.randn(64, 32, generator=g), torch.randn(8, 32, generator=g)
     s = smoothing_factors(x.abs().amax(0) * 10, weight)
@@ -54,7 +53,7 @@ def test_activation_maxima_cover_every_linear_and_leave_the_model_as_it_was():
     assert all(torch.equal(again[n], maxima[n]) for n in maxima)
 
 
-def test_quantize_model_smooths_the_layers_it_has_maxima_for(ext):  # noqa: F811
+def test_quantize_model_smooths_the_layers_it_has_maxima_for(w8a8_ext):
     runner = make_runner(_tiny("llama"))
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 40)]

@@ -14,15 +14,6 @@ from tidal.model.quantize import quantize_head, quantize_model, resolve_quantiza
 from tidal.weights.quant import dequantize, quantize
 
 
-@pytest.fixture(scope="module")
-def ext():
-    e = cpu.load()
-    assert e is not None, "the CPU kernels failed to build (see stderr)"
-    if not quant_ops._has_int_mm():
-        pytest.skip("this torch has no CPU int8 GEMM (torch._int_mm)")
-    return e
-
-
 def _arithmetic(x, qw, smooth=None):
     """What w8a8_linear states it computes, in float64: x (times `smooth` per channel) rounded to int8 steps
     of max|x|/127 per row, times the weight as signed bytes (q - 128) * scale, plus (min + 128 * scale) * the
@@ -39,7 +30,7 @@ def _arithmetic(x, qw, smooth=None):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("rows", [1, 17, 300])          # 300: several row tiles (128 each)
 @pytest.mark.parametrize("smoothed", [False, True])
-def test_kernel_is_its_stated_arithmetic(ext, dtype, symmetric, rows, smoothed):
+def test_kernel_is_its_stated_arithmetic(w8a8_ext, dtype, symmetric, rows, smoothed):
     g = torch.Generator().manual_seed(rows)
     n, k = 5000, 192                                    # 5000 columns: several column tiles, and a ragged one
     qw = quantize(torch.randn(n, k, generator=g) * 0.05 + 0.01, 8, None, symmetric=symmetric)
@@ -64,7 +55,7 @@ def test_kernel_is_its_stated_arithmetic(ext, dtype, symmetric, rows, smoothed):
 
 
 @pytest.mark.parametrize("smoothed", [False, True])
-def test_torch_fallback_agrees_with_the_kernel(ext, monkeypatch, smoothed):
+def test_torch_fallback_agrees_with_the_kernel(w8a8_ext, monkeypatch, smoothed):
     qw = quantize(torch.randn(300, 128), 8, None)
     packed = quant_ops.pack(qw, "w8a8", torch.rand(128) + 0.5 if smoothed else None)
     x = torch.randn(40, 128)                            # fp32: no .5 ties in the rounding (see above)
@@ -74,7 +65,7 @@ def test_torch_fallback_agrees_with_the_kernel(ext, monkeypatch, smoothed):
     torch.testing.assert_close(fallback, kernel, rtol=1e-5, atol=1e-4)
 
 
-def test_w8a8_model_and_head_stay_close_to_float(ext):
+def test_w8a8_model_and_head_stay_close_to_float(w8a8_ext):
     runner = make_runner(_tiny("llama"))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 40)]
@@ -87,7 +78,7 @@ def test_w8a8_model_and_head_stay_close_to_float(ext):
     assert 0 < err <= 0.05 * span, (err, span)
 
 
-def test_plain_int8_never_rounds_activations(ext):
+def test_plain_int8_never_rounds_activations(w8a8_ext):
     runner = make_runner(_tiny("llama"))
     assert "w8a8" not in set(quantize_model(runner.model, 8, None).values())
 
