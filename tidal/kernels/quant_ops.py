@@ -146,7 +146,8 @@ def _w8a8(x: torch.Tensor, qint8: torch.Tensor, scale: torch.Tensor, zero: torch
         xf = xf * smooth
     step = xf.abs().amax(-1, keepdim=True) / 127
     step = torch.where(step > 0, step, torch.ones_like(step))
-    y = torch._int_mm(torch.round(xf / step).to(torch.int8), qint8.t()).float() * step * scale
+    # times 1 / step, as the kernel rounds, so both land on the same side of a .5 tie
+    y = torch._int_mm(torch.round(xf * (1 / step)).to(torch.int8), qint8.t()).float() * step * scale
     if zero is not None:
         y += xf.sum(-1, keepdim=True) * zero
     return y.to(x.dtype)
