@@ -41,9 +41,9 @@ class EngineCore(CoreBase):
     def __init__(self, config: EngineConfig, verbose: bool = False):
         self.config = config
         self.resolved = resolved = resolve_engine_config(config)
-        self.runner = ModelRunner(resolved, verbose=verbose)
         ckpt = resolved.checkpoint
-        self.tokenizer = ckpt.load_tokenizer(config.tokenizer)
+        self.tokenizer = ckpt.load_tokenizer(config.tokenizer)   # first: --quant w8a8 calibrates with it
+        self.runner = ModelRunner(resolved, verbose=verbose, tokenizer=self.tokenizer)
         # the sampling a request leaves unset, from the model's generation config (vLLM's rule)
         self.default_sampling, extra_eos = generation_defaults(config.model, ckpt.path, config.generation_config)
         self.eos_token_ids = eos_ids(self.tokenizer, ckpt.hf_config) | extra_eos

@@ -37,9 +37,11 @@ from tidal.model.smooth import CALIBRATION_TOKENS, activation_maxima, calibratio
 
 
 class ModelRunner:
-    def __init__(self, resolved: ResolvedEngine | EngineConfig, checkpoint=None, verbose: bool = False):
+    def __init__(self, resolved: ResolvedEngine | EngineConfig, checkpoint=None, verbose: bool = False,
+                 tokenizer=None):
         """`resolved`: the engine's resolved plan; a bare EngineConfig (a runner used on its own, as
-        tests do) is resolved here."""
+        tests do) is resolved here. `tokenizer`: the engine's, for --quant w8a8's calibration text (loaded
+        from the checkpoint when not given)."""
         if isinstance(resolved, EngineConfig):
             resolved = resolve_engine_config(resolved, checkpoint)
         self.resolved = resolved
@@ -62,7 +64,7 @@ class ModelRunner:
             if quant is not None:
                 w8a8 = self.config.quant == "w8a8"
                 quantize_model(self.model, *quant, w8a8=w8a8,
-                               act_maxima=self._calibrate(verbose) if w8a8 else None)
+                               act_maxima=self._calibrate(verbose, tokenizer) if w8a8 else None)
             if self.config.quant_head != "none":
                 quantize_head(self.model, self.config.quant_head)
             backend = get_backend(self.device)
@@ -113,11 +115,12 @@ class ModelRunner:
         except ValueError as e:
             raise TidalError(f"{self.checkpoint.path}: weights do not fit the model ({e})", param="model") from None
 
-    def _calibrate(self, verbose: bool) -> dict[str, torch.Tensor]:
+    def _calibrate(self, verbose: bool, tokenizer=None) -> dict[str, torch.Tensor]:
         """--quant w8a8: each layer's activation maxima on model/smooth.py's calibration text (one prefill
         of ~1k tokens through the float model), for smoothing before rounding."""
         t0 = time.perf_counter()
-        tokenizer = self.checkpoint.load_tokenizer(self.config.tokenizer)
+        if tokenizer is None:
+            tokenizer = self.checkpoint.load_tokenizer(self.config.tokenizer)
         # no longer than the model takes, and only ids it has rows for (a test model may borrow a bigger vocabulary)
         ids = [t for t in tokenizer.encode(calibration_text()) if t < self.resolved.vocab_size]
         ids = ids[:min(CALIBRATION_TOKENS, self.max_model_len)]
