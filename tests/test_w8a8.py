@@ -1,5 +1,5 @@
-"""--quant w8a8 (kernels/cpu/w8a8_linear.cpp, quant_ops' "w8a8" path): the kernel computes exactly its
-stated arithmetic (activations rounded to int8 per row, int32 products, per-row and per-token scales,
+"""--quant w8a8 (kernels/cpu/w8a8_linear.cpp, quant_ops' "w8a8" path): both kernels (oneDNN's GEMM on the
+[out, in] weight, and tidal's VNNI GEMM on its packed panels) compute exactly their stated arithmetic (activations rounded to int8 per row, int32 products, per-row and per-token scales,
 the zero-point term where the weights have one), its torch fallback agrees, quantize_model / quantize_head
 put it where asked and only there, and a whole model under it stays close to the float model."""
 import pytest
@@ -37,17 +37,27 @@ def _tie_slack(x, qw, smooth=None):
     return (ties * step).double() * dequantize(qw).double().abs().amax(-1).view(1, -1)
 
 
+@pytest.fixture(params=["vnni", "onednn"])
+def layout(request, w8a8_ext, monkeypatch):
+    """Which kernel quant_ops.pack prepares the weight for: tidal's VNNI GEMM, or oneDNN's."""
+    if request.param == "vnni" and quant_ops._w8a8_vnni_kernels() is None:
+        pytest.skip("the kernels have no AVX-512 VNNI GEMM on this CPU (or it has AMX)")
+    monkeypatch.setenv("TIDAL_W8A8_ONEDNN", "1" if request.param == "onednn" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("rows", [1, 17, 300])          # 300: several row tiles (128 each)
+@pytest.mark.parametrize("rows,k", [(1, 192), (17, 130), (300, 192)])   # 300: several row tiles; 130: k % 4 != 0
 @pytest.mark.parametrize("smoothed", [False, True])
-def test_kernel_is_its_stated_arithmetic(w8a8_ext, dtype, symmetric, rows, smoothed):
+def test_kernel_is_its_stated_arithmetic(layout, dtype, symmetric, rows, k, smoothed):
     g = torch.Generator().manual_seed(rows)
-    n, k = 5000, 192                                    # 5000 columns: several column tiles, and a ragged one
+    n = 5000                                            # several column tiles and VNNI panels, and a ragged one
     qw = quantize(torch.randn(n, k, generator=g) * 0.05 + 0.01, 8, None, symmetric=symmetric)
     smooth = torch.rand(k, generator=g) * 2 + 0.1 if smoothed else None
     packed = quant_ops.pack(qw, "w8a8", smooth)
-    assert (packed[2] is None) == symmetric             # symmetric rows: no zero-point term at all
+    assert (packed[1] is not None) == (layout == "vnni")
+    assert (packed[3] is None) == symmetric             # symmetric rows: no zero-point term at all
     x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
     x[0] = 0                                            # an all-zero row: step 1, output 0 (+ nothing)
     got = quant_ops.matmul(x, "w8a8", packed)
@@ -59,7 +69,7 @@ def test_kernel_is_its_stated_arithmetic(w8a8_ext, dtype, symmetric, rows, smoot
 
 
 @pytest.mark.parametrize("smoothed", [False, True])
-def test_torch_fallback_agrees_with_the_kernel(w8a8_ext, monkeypatch, smoothed):
+def test_torch_fallback_agrees_with_the_kernel(layout, monkeypatch, smoothed):
     g = torch.Generator().manual_seed(3)
     qw = quantize(torch.randn(300, 128, generator=g), 8, None)
     packed = quant_ops.pack(qw, "w8a8", torch.rand(128, generator=g) + 0.5 if smoothed else None)
@@ -67,9 +77,22 @@ def test_torch_fallback_agrees_with_the_kernel(w8a8_ext, monkeypatch, smoothed):
     kernel = quant_ops.matmul(x, "w8a8", packed)
     monkeypatch.setattr(cpu, "ready", lambda: None)     # kernels not built yet
     fallback = quant_ops.matmul(x, "w8a8", packed)
-    smooth = packed[3]
+    smooth = packed[4]
     diff = (fallback.double() - kernel.double()).abs()
     assert (diff <= kernel.double().abs() * 1e-5 + 1e-4 + _tie_slack(x, qw, smooth)).all()
+
+
+def test_vnni_panels_unpack_to_the_weight(w8a8_ext, monkeypatch):
+    monkeypatch.setenv("TIDAL_W8A8_ONEDNN", "0")
+    if quant_ops._w8a8_vnni_kernels() is None:
+        pytest.skip("the kernels have no AVX-512 VNNI GEMM on this CPU (or it has AMX)")
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((50, 130), (96, 64), (1, 6)):
+        qw = quantize(torch.randn(n, k, generator=g), 8, None, symmetric=True)
+        weight, comp, *_ = quant_ops.pack(qw, "w8a8")
+        want = (qw.qdata.to(torch.int16) - 128).to(torch.int8)
+        assert torch.equal(quant_ops._unpack_vnni(weight, n, k), want)
+        assert torch.equal(comp[:n], 128 * want.int().sum(-1)) and not comp[n:].any()
 
 
 def test_w8a8_model_and_head_stay_close_to_float(w8a8_ext):

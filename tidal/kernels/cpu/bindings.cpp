@@ -16,6 +16,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dequant", &int8_dequant, "int8 (group 32) weight -> float weight into out (int4_linear.cpp)");
   m.def("w8a8_linear", &w8a8_linear,
         "x [rows, in] @ int8 weight.T with x rounded to int8 per row, oneDNN's int8 GEMM (w8a8_linear.cpp)");
+  m.def("w8a8_vnni_supported", &w8a8_vnni_supported, "whether w8a8_vnni has its AVX-512 VNNI path here");
+  m.def("w8a8_vnni_pack", &w8a8_vnni_pack, "int8 [out, in] -> (VNNI panels, 128 * row sums) for w8a8_vnni (w8a8_linear.cpp)");
+  m.def("w8a8_vnni", &w8a8_vnni, "w8a8_linear on a w8a8_vnni_pack'ed weight: tidal's own VNNI GEMM (w8a8_linear.cpp)");
   m.def("kv_quant_write", &kv_quant_write, "quantize K/V rows into an int8/int4 paged cache at slots (kv_quant_ops.cpp)");
   m.def("kv_dequant_blocks", &kv_dequant_blocks, "int8/int4 cache blocks -> dense bf16 or fp32 (kv_quant_ops.cpp)");
   bind_decode_stack(m);

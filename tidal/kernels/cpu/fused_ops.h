@@ -16,6 +16,11 @@ torch::Tensor int8_dequant(torch::Tensor q, torch::Tensor s, torch::Tensor m, to
 // w8a8_linear.cpp: int8 weights x int8 activations rounded per row, oneDNN's int8 GEMM
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> wz,
                           c10::optional<torch::Tensor> smooth);
+// the same on a weight packed once for tidal's AVX-512 VNNI GEMM (w8a8_linear.cpp says the layout)
+bool w8a8_vnni_supported();
+std::vector<torch::Tensor> w8a8_vnni_pack(torch::Tensor wq);
+torch::Tensor w8a8_vnni(torch::Tensor x, torch::Tensor packed, torch::Tensor comp, torch::Tensor ws,
+                        c10::optional<torch::Tensor> wz, c10::optional<torch::Tensor> smooth);
 // kv_quant_ops.cpp: the group-wise int8 / int4 KV cache (kv/quant_cache.py)
 void kv_quant_write(torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc,
                     torch::Tensor slots, int64_t bits, int64_t group_size);
