@@ -124,3 +124,14 @@ def test_flags_and_formats():
         resolve_quantization("w8a8", {"bits": 4, "group_size": 32})
     with pytest.raises(TidalError, match="one scale per row"):
         quantize_model(make_runner(_tiny("llama")).model, 8, 32, w8a8=True)
+
+
+def test_layout_name_follows_the_packing(w8a8_ext, monkeypatch):
+    """An offload store keeps packed layers, so its identity carries w8a8_layout(): it must name what pack does."""
+    g = torch.Generator().manual_seed(6)
+    qw = quantize(torch.randn(48, 64, generator=g), 8, None, symmetric=True)
+    for forced in ("1", "0"):
+        monkeypatch.setenv("TIDAL_W8A8_ONEDNN", forced)
+        vnni = quant_ops.pack(qw, "w8a8")[1] is not None
+        assert quant_ops.w8a8_layout() == ("vnni48" if vnni else "rows")
+        assert vnni == (forced == "0" and quant_ops._w8a8_vnni_kernels() is not None)

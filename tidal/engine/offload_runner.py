@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from tidal.engine.input_batch import Row, prepare_batch
 from tidal.errors import TidalError
-from tidal.kernels import get_backend, host_kv
+from tidal.kernels import get_backend, host_kv, quant_ops
 from tidal.kernels.metadata import forward_context
 from tidal.model.registry import build_model
 from tidal.policy import Policy
@@ -44,8 +44,11 @@ def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verb
     quantize = (lambda m: quantize_model(m, *quant, w8a8=config.quant == "w8a8")) if quant else None
     dummy_seed = config.seed if config.load_format == "dummy" else None
     store = None
+    backend = get_backend(dev)   # first: it loads the CPU kernels where they are built, which pack w8a8 weights
     if config.offload_dir:
-        quant_name = (f"int{quant[0]}g{quant[1]}" + ("a8" if config.quant == "w8a8" else "")) if quant else "none"
+        # w8a8's packed layout depends on the CPU (quant_ops.pack), and the store keeps packed layers
+        a8 = f"a8-{quant_ops.w8a8_layout()}" if config.quant == "w8a8" else ""
+        quant_name = f"int{quant[0]}g{quant[1]}{a8}" if quant else "none"
         store = OffloadStore(config.offload_dir, checkpoint_identity(ckpt, dtype, quant_name, dummy_seed))
     read = (lambda: ckpt.iter_tensors(dtype, keep_quantized=quant)) if quant else (lambda: ckpt.iter_tensors(dtype))
     try:
@@ -58,7 +61,6 @@ def build_offloaded_model(runner, policy: Policy, max_position: int, quant, verb
             quantize(model)
         if config.quant_head != "none":
             quantize_head(model, config.quant_head)
-        backend = get_backend(dev)
         for module in model.modules():  # a packed copy of a streamed layer would pin a second copy
             if hasattr(module, "pack"):
                 module.pack(backend)

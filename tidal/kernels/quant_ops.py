@@ -161,6 +161,12 @@ def _w8a8_vnni_kernels():
     return None if _amx() or os.environ.get("TIDAL_W8A8_ONEDNN", "0") == "1" else ext
 
 
+def w8a8_layout() -> str:
+    """The layout `pack` gives a w8a8 weight in this process ("vnni48" panels or "rows"): part of the
+    identity of an offload store, which keeps packed layers on disk."""
+    return "vnni48" if _w8a8_vnni_kernels() is not None else "rows"
+
+
 def _unpack_vnni(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """w8a8_vnni_pack's panels [out/48, in/4, 48, 4] (padded) -> the int8 [out, in] weight."""
     p, kg, _ = packed.shape
