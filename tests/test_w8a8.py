@@ -46,7 +46,7 @@ def layout(request, w8a8_ext, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("rows,k", [(1, 192), (17, 130), (300, 192)])   # 300: several row tiles; 130: k % 4 != 0
 @pytest.mark.parametrize("smoothed", [False, True])
@@ -63,7 +63,7 @@ def test_kernel_is_its_stated_arithmetic(layout, dtype, symmetric, rows, k, smoo
     got = quant_ops.matmul(x, "w8a8", packed)
     want = _arithmetic(x, qw, smooth)
     assert got.dtype == dtype and got.shape == (rows, n)
-    ulp = 2 ** -7 if dtype == torch.bfloat16 else 1e-5  # one output rounding to bf16; fp32 summation order
+    ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}.get(dtype, 1e-5)  # one output rounding; fp32 sums
     assert ((got.double() - want).abs() <= want.abs() * ulp + 1e-3 + _tie_slack(x, qw, smooth)).all()
     assert (got[0] == 0).all() if symmetric else True
 

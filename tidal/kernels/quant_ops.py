@@ -177,9 +177,11 @@ def _unpack_vnni(packed: torch.Tensor, out_features: int, in_features: int) -> t
 def _w8a8(x: torch.Tensor, weight: torch.Tensor, comp: torch.Tensor | None, scale: torch.Tensor,
           zero: torch.Tensor | None, smooth: torch.Tensor | None) -> torch.Tensor:
     ext = cpu_kernels.ready()
-    if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
-        if comp is not None:
+    if ext is not None and comp is not None:   # (fp16 and others through fp32, rather than unpacking the weight)
+        if x.dtype in (torch.float32, torch.bfloat16):
             return ext.w8a8_vnni(x.contiguous(), weight, comp, scale, zero, smooth)
+        return ext.w8a8_vnni(x.float().contiguous(), weight, comp, scale, zero, smooth).to(x.dtype)
+    if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
         if hasattr(ext, "w8a8_linear"):
             return ext.w8a8_linear(x.contiguous(), weight, scale, zero, smooth)
     qint8 = weight if comp is None else _unpack_vnni(weight, scale.numel(), x.shape[-1])
