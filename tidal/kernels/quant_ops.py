@@ -19,7 +19,8 @@ Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one in
   Where the kernels are built with AVX-512 VNNI and the CPU has no AMX (whose int8 tiles oneDNN would
   use), the weight is packed once into tidal's own VNNI GEMM's layout instead (`w8a8_vnni`): oneDNN
   reorders the weight on every call, so this is 1.7-2.6x faster at decode's 4-64 rows and 1.15x at
-  1,024 on SmolLM2's layers. TIDAL_W8A8_ONEDNN=1 keeps oneDNN, for comparisons.
+  1,024 on SmolLM2's layers. TIDAL_W8A8_ONEDNN=1 keeps oneDNN, for comparisons. As for int4vnni, the
+  choice is made when the layer is built: a process whose kernels were still building keeps oneDNN.
   An optional per-input-channel activation scale (SmoothQuant, model/smooth.py) is applied while rounding.
 Both run in bf16: their fp32 code is 10-30x slower (scalar), so fp32 inputs are cast to bf16 and
 the result back; the activations lose bf16 rounding, far below int4/int8 weight error.
