@@ -400,6 +400,36 @@ def test_picker_holds_requests_while_saturated_and_honours_the_deadline_header(t
     run(main())
 
 
+def test_a_request_held_on_the_in_flight_estimate_gets_an_early_poll(tokenizer):
+    """Requests dispatched since the last poll count as waiting until a later poll sees the replica; one
+    held on that count alone is released by an extra poll round within milliseconds, not the next period's
+    (10 s here). A pool saturated by its polled figures alone polls no more than its period."""
+    async def main():
+        fleet = Fleet(1)
+        polls = []
+        handler = fleet.handler
+        fleet.handler = lambda request: (polls.append(request.url.path == "/metrics"), handler(request))[1]
+        cfg = EPPConfig.from_dict({"endpoints": fleet.addresses, "poll_interval_s": 10, "health_interval_s": 10,
+                                   "saturation": {"queue_depth": 2, "warm_queue_depth": 2}})
+        async with EndpointPicker(cfg, tokenizer=tokenizer, client=fleet.client()) as picker:
+            for q in ("a", "b"):                       # dispatched; the replica finishes them at once
+                await picker.pick(chat(q))
+            t0 = time.monotonic()
+            d = await picker.pick(chat("c"))           # held: 2 in flight by the estimate
+            assert d.queue_wait_s > 0 and time.monotonic() - t0 < 1.0
+            fleet.replicas[d.endpoint].waiting = 5     # now saturated by its polled figures
+            await asyncio.sleep(0.05)
+            await picker.pool.refresh()                # the in-flight count cleared: only the figures hold
+            before = sum(polls)
+            pending = asyncio.create_task(picker.pick(chat("d")))
+            await asyncio.sleep(0.2)
+            assert not pending.done() and sum(polls) == before
+            fleet.replicas[d.endpoint].waiting = 0
+            await picker.pool.refresh()
+            await pending
+    run(main())
+
+
 # ---- config and scoring ---------------------------------------------------------------------------
 def test_weights_from_a_config_file_change_the_choice(tmp_path, tokenizer):
     async def choose(path) -> str:

@@ -201,6 +201,7 @@ class EndpointPicker:
         ready = self.saturation(ctx, candidates)
         if not ready:
             if hold:
+                self.pool.refresh_soon(candidates)   # the in-flight estimate may be all that holds it
                 return None
             ready = candidates
         scores: dict[str, dict[str, float]] = {e.address: {} for e in ready}
