@@ -106,6 +106,23 @@ def test_quant_linear_matches_dequantized_weights(bits, group_size, path, dtype)
     assert torch.equal(torch.cat([a, b], -1), y) and a.shape[-1] == 64
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8pack_big_batches_dequantize_into_the_float_gemm(dtype):
+    """Over GEMV_MAX_ROWS rows, --quant int8's layers dequantize (int8_rows_dequant) and run the float GEMM:
+    in fp32 that is the dequantized weights' product up to summation order; at a few rows, torch's kernel."""
+    from tidal.kernels import cpu, quant_ops
+    assert cpu.load() is not None, "the CPU kernels failed to build (see stderr)"
+    qw = quantize(_weight(), 8, None)
+    layer = QuantLinear(qw, path="int8pack")
+    x = torch.randn(quant_ops.GEMV_MAX_ROWS + 24, 192).to(dtype)
+    want = x.float() @ dequantize(qw).T
+    y = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == dtype and (y.float() - want).abs().max() <= tol * want.abs().max()
+    small = layer(x[:4]).float()          # the bf16 kernel: not exact in fp32
+    assert (small - want[:4]).abs().max() <= 1e-2 * want.abs().max()
+
+
 def test_dense_min_rows_switches_path_for_big_batches():
     qw = quantize(_weight(), 4, 64)
     layer = QuantLinear(qw, dense_min_rows=16)

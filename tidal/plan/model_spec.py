@@ -6,7 +6,7 @@ per layer (by --kv-quant), activation bytes per token, FLOPs per token (linear l
 context-length term, LM head), and the working memory a forward pass needs.
 Must not: build modules or read weights. The layouts it counts belong to model/ (fused QKV and
 gate-up), model/layers/quant_linear.py (quantized weights: int4 0.5 byte + a bf16 scale and zero
-per group of 32; int8 1 byte + a bf16 scale and an fp32 zero per row) and kv/quant_cache.py;
+per group of 32; int8 1 byte + a bf16 and an fp32 scale and an fp32 zero per row) and kv/quant_cache.py;
 tests/test_plan.py checks the counts against the built modules.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tidal.errors import TidalError
 from tidal.kv.quant_cache import kv_bytes_per_token
 
 INT4_GROUP_SIZE = 32                         # model/quantize.py's default for int4
-_SCALE_BYTES = {"int4": 4, "int8": 6}        # per group: int4 bf16 scale + zero; int8 bf16 scale + fp32 zero
+_SCALE_BYTES = {"int4": 4, "int8": 10}       # per group: int4 bf16 scale + zero; int8 bf16 + fp32 scale, fp32 zero
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
 _LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 

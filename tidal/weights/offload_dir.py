@@ -16,7 +16,7 @@ import torch
 
 from tidal.errors import TidalError
 
-_FORMAT = 1  # bump when the file contents change meaning
+_FORMAT = 2  # bump when the file contents change meaning (2: int8pack and w8a8 layers pack more tensors)
 
 
 def checkpoint_identity(checkpoint, dtype: torch.dtype, quant: str, dummy_seed: int | None) -> dict:

@@ -281,6 +281,32 @@ torch::Tensor w8a8_vnni(torch::Tensor x, torch::Tensor packed, torch::Tensor com
 #endif
 }
 
+// --quant int8's weight (quant_ops' "int8pack": signed bytes, one scale and zero per row) as floats for
+// prefill-sized batches: out[n, k] = q[n, k] * scale[n] + zero[n], in out's dtype (fp32 or bf16)
+void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "int8_rows_dequant: q must be contiguous int8 [out, in]");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(scale.numel() == N && zero.numel() == N, "int8_rows_dequant: one scale and zero per row");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * K && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+              "int8_rows_dequant: out must be contiguous fp32 or bf16 with q's size");
+  const auto s = scale.to(at::kFloat).contiguous(), z = zero.to(at::kFloat).contiguous();
+  const float *sp = s.data_ptr<float>(), *zp = z.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const bool bf = out.scalar_type() == at::kBFloat16;
+  float* of = bf ? nullptr : out.data_ptr<float>();
+  at::BFloat16* ob = bf ? out.data_ptr<at::BFloat16>() : nullptr;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const float a = sp[n], b = zp[n];
+    const int8_t* r = qp + n * K;
+    if (bf) {
+      for (int64_t k = 0; k < K; ++k) ob[n * K + k] = static_cast<at::BFloat16>(static_cast<float>(r[k]) * a + b);
+    } else {
+      for (int64_t k = 0; k < K; ++k) of[n * K + k] = static_cast<float>(r[k]) * a + b;
+    }
+  }
+}
+
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> wz,
                           c10::optional<torch::Tensor> smooth) {
   TORCH_CHECK(wq.dim() == 2 && wq.is_contiguous() && wq.scalar_type() == at::kChar, "w8a8_linear: weight must be contiguous int8 [out, in]");
