@@ -3,7 +3,6 @@ and quantize_model on a tiny Llama (logits near the unquantized model's)."""
 import gguf
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 from model_utils import all_logits, make_runner
