@@ -145,9 +145,8 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
             return _int4pack_mm(x, weight, group_size, scales_and_zeros)
         return _int4pack_mm(x.to(_KERNEL_DTYPE), weight, group_size, scales_and_zeros).to(x.dtype)
     qint8, scale, zero, scale32 = packed
-    ext = cpu_kernels.ready()
-    if x.shape[0] > GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16) and ext is not None \
-            and hasattr(ext, "int8_rows_dequant"):
+    ext = cpu_kernels.ready() if x.shape[0] > GEMV_MAX_ROWS else None
+    if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
         # prefill-sized batches: dequantize into the shared buffer and run the float GEMM (2.2-3.9x
         # torch's int8 kernel at 64-512 rows on SmolLM2's shapes, 1.2-1.5x at 24)
         out = scratch(qint8.shape[0], qint8.shape[1], x.dtype)
@@ -167,7 +166,7 @@ def _amx() -> bool:
 def _w8a8_vnni_kernels():
     """The extension where w8a8 weights get packed for its own VNNI GEMM, else None (oneDNN's path)."""
     ext = cpu_kernels.ready()
-    if ext is None or not hasattr(ext, "w8a8_vnni_supported") or not ext.w8a8_vnni_supported():
+    if ext is None or not ext.w8a8_vnni_supported():
         return None
     return None if _amx() or os.environ.get("TIDAL_W8A8_ONEDNN", "0") == "1" else ext
 
@@ -179,9 +178,10 @@ def w8a8_layout() -> str:
 
 
 def _unpack_vnni(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """w8a8_vnni_pack's panels [out/48, in/4, 48, 4] (padded) -> the int8 [out, in] weight."""
-    p, kg, _ = packed.shape
-    full = packed.view(p, kg, 48, 4).permute(0, 2, 1, 3).reshape(p * 48, kg * 4)
+    """w8a8_vnni_pack's panels [out/48, in/4, 48 * 4] (padded) -> the int8 [out, in] weight."""
+    p, kg, panel_bytes = packed.shape
+    cols = panel_bytes // 4
+    full = packed.view(p, kg, cols, 4).permute(0, 2, 1, 3).reshape(p * cols, kg * 4)
     return full[:out_features, :in_features].contiguous()
 
 
@@ -193,8 +193,7 @@ def _w8a8(x: torch.Tensor, weight: torch.Tensor, comp: torch.Tensor | None, scal
             return ext.w8a8_vnni(x.contiguous(), weight, comp, scale, zero, smooth)
         return ext.w8a8_vnni(x.float().contiguous(), weight, comp, scale, zero, smooth).to(x.dtype)
     if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
-        if hasattr(ext, "w8a8_linear"):
-            return ext.w8a8_linear(x.contiguous(), weight, scale, zero, smooth)
+        return ext.w8a8_linear(x.contiguous(), weight, scale, zero, smooth)
     qint8 = weight if comp is None else _unpack_vnni(weight, scale.numel(), x.shape[-1])
     xf = x.float()   # the same arithmetic in torch ops (kernels not built yet, or another dtype)
     if smooth is not None:
