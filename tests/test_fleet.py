@@ -220,6 +220,31 @@ def test_same_prefix_burst_spreads_once_the_holder_saturates(fleet):
     assert 5 <= spread[home] < 32 and sum(1 for n in spread if n) >= 2, spread
 
 
+def test_a_burst_past_the_epp_stream_limit_on_a_fresh_gateway(fleet, tmp_path):
+    """150 requests at once into a gateway that has never talked to its EPP (one Envoy worker, so one
+    connection pool): more ext_proc streams than the EPP's gRPC server takes on a connection (100), so
+    Envoy must spread them over connections. (The failure this guards against, the EPP dropping an
+    overrun connection and 156 of 256 requests coming back as 503s, showed with bench/run_fleet.py's
+    burst of 256 x 2,176-token prompts on 8 replicas; this smaller burst passes with or without the cap,
+    which tests/test_gateway.py checks in the config.)"""
+    cfg = tmp_path / "epp.yaml"
+    cfg.write_text("flow_control: {enabled: false}\n")
+    loop = Loop()
+    gw = gateway(loop, fleet["replicas"], config=str(cfg), kv_events=False)
+    try:
+        async def go():
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60, limits=limits) as c:
+                return await run_all([c.post("/v1/completions", json={"model": MODEL, "prompt": f"burst {i}",
+                                                                      "max_tokens": 1}) for i in range(150)], 60)
+        results = asyncio.run(go())
+        bad = [getattr(r, "text", r) for r in results if getattr(r, "status_code", None) != 200]
+        assert not bad, f"{len(bad)} of 150 failed, e.g. {bad[:2]}"
+    finally:
+        loop.run(gw.stop())
+        loop.close()
+
+
 def test_an_evicted_prefix_is_forgotten(fleet):
     client, gw, replicas = fleet["client"], fleet["gw"], fleet["replicas"]
     prefix = text(3, 150)

@@ -293,6 +293,20 @@ def test_epp_down_fails_closed_with_503(tmp_path):
             envoy.wait()
 
 
+def test_envoy_never_opens_more_epp_streams_on_a_connection_than_the_epp_server_takes():
+    """grpclib's server (h2) drops a connection that opens more streams than its SETTINGS allow, with
+    every request on it; Envoy must cap its streams per EPP connection at that limit itself (it only
+    learns the server's limit from its first SETTINGS frame)."""
+    h2 = pytest.importorskip("h2.connection")
+    import h2.config
+    server_limit = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False)).local_settings.max_concurrent_streams
+    cfg = envoy_config.bootstrap(["localhost:1"], envoy_config.GatewayPorts(1, 2, 3))
+    epp = cfg["static_resources"]["clusters"][0]
+    assert epp["name"] == envoy_config.EPP_CLUSTER
+    opts = next(iter(epp["typed_extension_protocol_options"].values()))
+    assert 0 < opts["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] <= server_limit
+
+
 def test_config_has_no_response_timeout_and_one_retry():
     cfg = envoy_config.bootstrap(["localhost:1"], envoy_config.GatewayPorts(1, 2, 3))
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]

@@ -37,6 +37,7 @@ FALLBACK_KEY = "x-gateway-destination-endpoint-fallback"
 LB_NAMESPACE = "envoy.lb"
 EPP_CLUSTER = "tidal_epp"
 REPLICA_CLUSTER = "tidal_replicas"
+EPP_STREAMS_PER_CONNECTION = 100   # grpclib's (h2's) default; see the h2 options below
 # Envoy's response flags for a request no replica answered: no healthy host, connect failure, upstream
 # reset / overflow / timeout, retries exhausted.
 UPSTREAM_FAILURE_FLAGS = ("UH", "UF", "UC", "UO", "UR", "URX", "UT")
@@ -178,9 +179,13 @@ def bootstrap(replicas: list[str], ports: GatewayPorts, timeouts: Timeouts | Non
             "mappers": [epp_down, upstream_failed],
         },
     }
+    # The EPP's gRPC server (grpclib on h2) allows 100 streams a connection and drops the whole connection,
+    # with every request on it, when a peer opens more; Envoy only learns that limit from the server's
+    # SETTINGS frame, so a burst on a fresh connection overran it (156 of 256 requests got 503s with one
+    # Envoy worker). Envoy's own cap makes it open another connection instead.
     h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": _T + "upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}}}}
+        "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": EPP_STREAMS_PER_CONNECTION}}}}
     many = {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
                             "max_requests": 100000, "max_retries": 1000}]}
     return {
