@@ -10,6 +10,12 @@ this script; an exit by signal or error still stops them).
     python bench/run_fleet.py                      # simulated 8 replicas, then real 2 replicas
     python bench/run_fleet.py --parts sim          # only the simulated part (sim, real, or both: sim,real)
     python bench/run_fleet.py --table-only         # the table of the runs recorded in --out
+    python bench/run_fleet.py --parts sim --sim-policies prefix-precise,round-robin --sim-rate 2,3,inf \
+        --sim-concurrency 0                        # a load sweep: each rate against round-robin at that rate
+
+A burst (`--sim-rate inf`) measures the fleet at saturation (its best output tokens/s); a Poisson rate
+that both fleets sustain measures the TTFT a user sees at that load. With several rates, each run's name
+carries its rate (sim8@2-prefix-precise) and each is compared with round-robin at the same rate.
 
 Policies (EPP configs): prefix-precise / prefix-approx = the default scorer weights with / without the
 replicas' KV events; prefix6-approx = the prefix scorer at 6; round-robin = `picker: {type: round_robin}`.
@@ -217,7 +223,8 @@ def main() -> int:
                     help="each simulated replica's KV pool in 16-token blocks (640 = 10,240 tokens: four 2048-token "
                          "prefixes + 128 blocks for the requests' own tokens)")
     ap.add_argument("--sim-workload", default="16,16,2048,128,128", help="groups,per-group,prefix,question,output")
-    ap.add_argument("--sim-rate", default="inf", help="request rate, req/s (Poisson; inf = all at once)")
+    ap.add_argument("--sim-rate", default="inf", help="request rate, req/s (Poisson; inf = all at once); "
+                    "a comma-separated list runs every policy at each rate")
     ap.add_argument("--sim-concurrency", default="48", help="most requests in flight (0: no cap)")
     ap.add_argument("--sim-policies", default="prefix-precise,prefix-approx,prefix6-approx,round-robin")
     ap.add_argument("--sim-serve-args", default="", help="extra flags for each simulated replica's tidal serve")
@@ -249,8 +256,8 @@ def main() -> int:
             if path.endswith(".row.json"):
                 with open(os.path.join(a.out, path)) as f:
                     rows.append(json.load(f))
-        rows.sort(key=lambda r: (not r["name"].startswith("sim"), order.index(r["name"].split("-", 1)[1])
-                                 if r["name"].split("-", 1)[1] in order else 99))
+        rows.sort(key=lambda r: (not r["name"].startswith("sim"), r["name"].split("-", 1)[0],
+                                 order.index(r["name"].split("-", 1)[1]) if r["name"].split("-", 1)[1] in order else 99))
         a.parts = ""
     try:
         if "sim" in a.parts:
@@ -260,10 +267,13 @@ def main() -> int:
                 return [PY, "-m", "tidal.cli", "serve", "--model", "smollm2", "--simulate", "--host", "127.0.0.1",
                         "--port", str(a.base_port + i), "--kv-events-endpoint", f"tcp://*:{a.base_port + n + i}",
                         "--num-kv-blocks", str(a.sim_kv_blocks), "--log-level", "warning"] + a.sim_serve_args.split()
-            for pol in a.sim_policies.split(","):
-                epp, precise = policies[pol]
-                rows.append(run_one(f"sim{n}-{pol}", a, sim_cmd, n, epp, precise,
-                                    bench_args(a.sim_workload, a.sim_rate, a.sim_concurrency), 180))
+            rates = a.sim_rate.split(",")
+            for rate in rates:
+                fleet = f"sim{n}" if len(rates) == 1 else f"sim{n}@{rate}"
+                for pol in a.sim_policies.split(","):
+                    epp, precise = policies[pol]
+                    rows.append(run_one(f"{fleet}-{pol}", a, sim_cmd, n, epp, precise,
+                                        bench_args(a.sim_workload, rate, a.sim_concurrency), 180))
         if "real" in a.parts:
             n = a.real_replicas
 
