@@ -10,8 +10,8 @@ this script; an exit by signal or error still stops them).
     python bench/run_fleet.py                      # simulated 8 replicas, then real 2 replicas
     python bench/run_fleet.py --parts sim          # only the simulated part (sim, real, or both: sim,real)
     python bench/run_fleet.py --table-only         # the table of the runs recorded in --out
-    python bench/run_fleet.py --parts sim --sim-policies prefix-precise,round-robin --sim-rate 2,3,inf \
-        --sim-concurrency 0                        # a load sweep: each rate against round-robin at that rate
+    python bench/run_fleet.py --parts sim --sim-policies prefix-precise,round-robin --sim-rate 2,3,inf
+                                                   # a load sweep: each rate against round-robin at that rate
 
 A burst (`--sim-rate inf`) measures the fleet at saturation (its best output tokens/s); a Poisson rate
 that both fleets sustain measures the TTFT a user sees at that load. With several rates, each run's name
@@ -225,7 +225,9 @@ def main() -> int:
     ap.add_argument("--sim-workload", default="16,16,2048,128,128", help="groups,per-group,prefix,question,output")
     ap.add_argument("--sim-rate", default="inf", help="request rate, req/s (Poisson; inf = all at once); "
                     "a comma-separated list runs every policy at each rate")
-    ap.add_argument("--sim-concurrency", default="48", help="most requests in flight (0: no cap)")
+    ap.add_argument("--sim-concurrency", default="0",
+                    help="most requests in flight (default 0: no cap, as vLLM's benchmark_serving; "
+                         "sessions 6-11 used 48)")
     ap.add_argument("--sim-policies", default="prefix-precise,prefix-approx,prefix6-approx,round-robin")
     ap.add_argument("--sim-serve-args", default="", help="extra flags for each simulated replica's tidal serve")
     # real part
