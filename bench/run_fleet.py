@@ -143,7 +143,7 @@ def run_one(name: str, a, replicas_cmd, n: int, epp: dict, precise: bool, bench_
         gport = base + 80
         cmd = [PY, "-m", "tidal.cli", "gateway", "--config", cfg, "--port", str(gport),
                "--epp-port", str(base + 81), "--metrics-port", str(base + 82), "--admin-port", str(base + 83),
-               "--envoy-concurrency", "1"]
+               "--envoy-concurrency", "1", "--log-level", os.environ.get("FLEET_EPP_LOG", "warning")]
         for i, u in enumerate(urls):
             cmd += ["--replica", u] + (["--kv-events", f"tcp://127.0.0.1:{base + n + i}"] if precise else [])
         gw = start(cmd, f"{out}/{name}.gateway.log")

@@ -378,7 +378,8 @@ def test_tidal_gateway_starts_routes_and_stops_cleanly(how):
     port, admin = free_port(), free_port()
     with Stub("x") as stub, _tidal("gateway", "--replica", f"http://{stub.endpoint}", "--port", str(port),
                                    "--epp-port", str(free_port()), "--metrics-port", str(free_port()),
-                                   "--admin-port", str(admin), "--envoy-concurrency", "1") as proc:
+                                   "--admin-port", str(admin), "--envoy-concurrency", "1",
+                                   "--log-level", "debug") as proc:
         line = _wait_for_line(proc, "tidal gateway: http://", 60)
         assert f"http://127.0.0.1:{port}" in line
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "p"}, timeout=10)
@@ -388,6 +389,8 @@ def test_tidal_gateway_starts_routes_and_stops_cleanly(how):
         if how == "sigint":
             proc.send_signal(signal.SIGINT)
             assert proc.wait(15) == 0
+            # --log-level debug: the decision and its scores
+            assert "EPP /v1/completions -> " + stub.endpoint in proc.stderr.read()
         else:
             proc.kill()      # no chance to clean up: Envoy must still die with it (PDEATHSIG)
             proc.wait(5)

@@ -156,5 +156,7 @@ def add_cluster_parser(sub) -> argparse.ArgumentParser:
 def run_cluster_up(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise TidalError("--replicas must be at least 1")
+    from tidal.fleet.gateway_cli import configure_logging
     extra = list(getattr(args, "replica_args", None) or [])
+    configure_logging(args.log_level)
     return asyncio.run(_up(args, extra))

@@ -1,14 +1,15 @@
 """`tidal gateway`'s command line: its flags (shared with `tidal cluster up`), and running a `Gateway`
 (gateway.py) until SIGINT/SIGTERM or until Envoy dies, then stopping it.
 
-Owns: `add_gateway_parser` / `add_gateway_flags`, `settings_from_args`, `print_ready` and
-`serve_until_signalled`. Must not: start Envoy or the EPP itself (gateway.py does).
+Owns: `add_gateway_parser` / `add_gateway_flags`, `settings_from_args`, `print_ready`,
+`serve_until_signalled` and `configure_logging` (the EPP's `--log-level`). Must not: start Envoy or the EPP itself (gateway.py does).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 
@@ -22,6 +23,17 @@ def port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535)")
     return int(text)
+
+
+def configure_logging(level: str) -> None:
+    """tidal's own loggers (the EPP's: each decision and its scores at debug) to stderr at `level`;
+    other libraries stay at warning."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("tidal")
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
 
 
 async def serve_until_signalled(gateway: Gateway, on_ready=None) -> int:
@@ -78,6 +90,8 @@ def add_gateway_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-port", type=port, default=9901, help="Envoy admin port on localhost (default 9901)")
     p.add_argument("--envoy-concurrency", type=int, default=None, help="Envoy worker threads (default: one per core)")
     p.add_argument("--envoy-log-level", default="warn", help="Envoy's log level (its log is in the gateway's temp dir)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the EPP's log level (debug: every routing decision with its scores)")
 
 
 def add_gateway_parser(sub) -> argparse.ArgumentParser:
@@ -104,5 +118,6 @@ def run_gateway(args: argparse.Namespace) -> int:
         raise TidalError("give the replicas either as --replica flags or in --replicas-file, not both")
     s = settings_from_args(args, replicas, args.kv_events)
     s.replicas_file = args.replicas_file
+    configure_logging(args.log_level)
     gw = Gateway(s)
     return asyncio.run(serve_until_signalled(gw, lambda: print_ready(s, gw.url)))
