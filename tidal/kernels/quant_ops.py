@@ -10,8 +10,10 @@ Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one in
   that builds them in the background keeps "int4pack" for that process).
 - "int8vnni": the same for int8 in groups of 32 (`--quant-head int8`: GGUF Q8_0's grid).
 - "int4pack": `_weight_int4pack_mm_for_cpu`; int4, group 32/64/128/256, out % 16 == 0.
-- "int8pack": `_weight_int8pack_mm`; int8 with one group per row (--quant int8). Batches over
-  GEMV_MAX_ROWS rows dequantize into the shared buffer (`int8_rows_dequant`) and run the float GEMM.
+- "int8pack": int8 with one group per row (--quant int8). With the CPU kernels built, up to
+  GEMV_MAX_ROWS rows run tidal's GEMV on the stored bytes (`int8_rows_gemv`, fp32 math) and bigger
+  batches dequantize into the shared buffer (`int8_rows_dequant`) for the float GEMM; before they are
+  built, torch's `_weight_int8pack_mm`.
 - "w8a8" (--quant w8a8 only; never picked for --quant int8, since it also rounds the activations):
   int8 with one group per row, activations rounded to int8 per token (symmetric), oneDNN's int8 GEMM
   (`torch._int_mm`: 2x bf16's multiply rate on AVX-512 VNNI), then the per-row and per-token scales.
@@ -145,8 +147,11 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
             return _int4pack_mm(x, weight, group_size, scales_and_zeros)
         return _int4pack_mm(x.to(_KERNEL_DTYPE), weight, group_size, scales_and_zeros).to(x.dtype)
     qint8, scale, zero, scale32 = packed
-    ext = cpu_kernels.ready() if x.shape[0] > GEMV_MAX_ROWS else None
+    ext = cpu_kernels.ready()
     if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            # decode: tidal's GEMV on the stored bytes, fp32 math (2.2x torch's int8 kernel at one row)
+            return ext.int8_rows_gemv(x.contiguous(), qint8, scale32, zero)
         # prefill-sized batches: dequantize into the shared buffer and run the float GEMM (2.2-3.9x
         # torch's int8 kernel at 64-512 rows on SmolLM2's shapes, 1.2-1.5x at 24)
         out = scratch(qint8.shape[0], qint8.shape[1], x.dtype)

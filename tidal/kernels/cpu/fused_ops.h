@@ -23,6 +23,7 @@ torch::Tensor w8a8_vnni(torch::Tensor x, torch::Tensor packed, torch::Tensor com
                         c10::optional<torch::Tensor> wz, c10::optional<torch::Tensor> smooth);
 // --quant int8's per-row weight as floats (w8a8_linear.cpp)
 void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero, torch::Tensor out);
+torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero);
 // kv_quant_ops.cpp: the group-wise int8 / int4 KV cache (kv/quant_cache.py)
 void kv_quant_write(torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc,
                     torch::Tensor slots, int64_t bits, int64_t group_size);

@@ -18,9 +18,13 @@
 // ("comp", packed alongside) is subtracted from each int32 sum. A tile is 8 rows x 48 columns of int32
 // in 24 registers; the two threads split the panels, and each prefetches its next panel into L2
 // while the first tile of the current one streams it, as the int4 GEMV does.
+// Also --quant int8's per-row weight (signed bytes, fp32 scale and zero per row) outside w8a8:
+// int8_rows_dequant (prefill: the float weight for a GEMM) and int8_rows_gemv (decode: fp32 math).
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <vector>
 #include "avx512_common.h"
 #include "fused_ops.h"
 #include "int4_linear.h"   // TIDAL_VNNI
@@ -305,6 +309,107 @@ void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero,
       for (int64_t k = 0; k < K; ++k) of[n * K + k] = static_cast<float>(r[k]) * a + b;
     }
   }
+}
+
+// --quant int8's weight for decode-sized batches, read as it is stored: y[m, n] = scale[n] * (x[m] . q[n])
+// + zero[n] * sum(x[m]), in fp32 (the activations stay floats: weight-only int8, exact up to fp32
+// summation order). Four weight rows at a time, each 16 bytes widened to floats once per tile of up to
+// six activation rows; one parallel region over the weight rows. torch's _weight_int8pack_mm, which it
+// replaces at these sizes, was 2.2x slower at one row on SmolLM2's layers and rounds in bf16.
+namespace {
+constexpr int GEMV_NR = 4;  // weight rows a tile
+constexpr int64_t GEMV_PF = 4;  // tiles prefetched ahead
+
+// acc[m][r] = x[m] . q[n0 + r] for MT activation rows (compile-time, so the sums stay in registers)
+// pf: the rows GEMV_PF tiles ahead (or nullptr), prefetched into L2 a line at a time as this tile goes:
+// without it one thread streamed the weights at ~7 GB/s, latency-bound
+template <int MT>
+inline void gemv_tile(const float* x, int64_t K, const int8_t* q, const int8_t* pf, float (*dot)[GEMV_NR]) {
+#ifdef __AVX512F__
+  __m512 acc[MT][GEMV_NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < GEMV_NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 in = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+    if (pf && (k & 63) == 0)
+      for (int r = 0; r < GEMV_NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * K + k), _MM_HINT_T1);
+    __m512 w[GEMV_NR];
+    for (int r = 0; r < GEMV_NR; ++r) w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, q + r * K + k)));
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(in, x + m * K + k);
+      for (int r = 0; r < GEMV_NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < GEMV_NR; ++r) dot[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+#else
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < GEMV_NR; ++r) {
+      float a = 0.f;
+      for (int64_t k = 0; k < K; ++k) a += x[m * K + k] * static_cast<float>(q[r * K + k]);
+      dot[m][r] = a;
+    }
+#endif
+}
+
+template <typename TO>
+void rows_gemv(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, const float* z, int64_t N, TO* y) {
+  constexpr int MT = 6;
+  std::vector<float> xsum(M);
+  for (int64_t m = 0; m < M; ++m) {
+    float a = 0.f;
+    for (int64_t k = 0; k < K; ++k) a += x[m * K + k];
+    xsum[m] = a;
+  }
+  const int64_t full = N / GEMV_NR;
+  at::parallel_for(0, full + (N % GEMV_NR ? 1 : 0), 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * GEMV_NR, nr = std::min<int64_t>(GEMV_NR, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t mt = std::min<int64_t>(MT, M - m0);
+        float dot[MT][GEMV_NR] = {};
+        if (nr < GEMV_NR) {  // the last rows when N % 4 != 0
+          for (int m = 0; m < mt; ++m)
+            for (int r = 0; r < nr; ++r)
+              for (int64_t k = 0; k < K; ++k) dot[m][r] += x[(m0 + m) * K + k] * static_cast<float>(q[(n0 + r) * K + k]);
+        } else {
+          const float* xm = x + m0 * K;
+          const int8_t* qn = q + n0 * K;
+          const int8_t* pf = m0 == 0 && n0 + (GEMV_PF + 1) * GEMV_NR <= N ? qn + GEMV_PF * GEMV_NR * K : nullptr;
+          switch (mt) {
+            case 1: gemv_tile<1>(xm, K, qn, pf, dot); break;
+            case 2: gemv_tile<2>(xm, K, qn, pf, dot); break;
+            case 3: gemv_tile<3>(xm, K, qn, pf, dot); break;
+            case 4: gemv_tile<4>(xm, K, qn, pf, dot); break;
+            case 5: gemv_tile<5>(xm, K, qn, pf, dot); break;
+            default: gemv_tile<6>(xm, K, qn, pf, dot);
+          }
+        }
+        for (int m = 0; m < mt; ++m)
+          for (int r = 0; r < nr; ++r)
+            y[(m0 + m) * N + n0 + r] = static_cast<TO>(s[n0 + r] * dot[m][r] + z[n0 + r] * xsum[m0 + m]);
+      }
+    }
+  });
+}
+}  // namespace
+
+torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "int8_rows_gemv: q must be contiguous int8 [out, in]");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "int8_rows_gemv: x must be fp32 or bf16 [rows, in]");
+  TORCH_CHECK(scale.numel() == N && zero.numel() == N, "int8_rows_gemv: one scale and zero per row");
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto s = scale.to(at::kFloat).contiguous(), z = zero.to(at::kFloat).contiguous();
+  auto y = torch::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0) return y;
+  if (x.scalar_type() == at::kFloat)
+    rows_gemv<float>(xf.data_ptr<float>(), x.size(0), K, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N, y.data_ptr<float>());
+  else
+    rows_gemv<at::BFloat16>(xf.data_ptr<float>(), x.size(0), K, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N,
+                            y.data_ptr<at::BFloat16>());
+  return y;
 }
 
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor wq, torch::Tensor ws, c10::optional<torch::Tensor> wz,
