@@ -107,9 +107,9 @@ def test_quant_linear_matches_dequantized_weights(bits, group_size, path, dtype)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8pack_runs_tidal_gemv_and_dequantizes_big_batches(dtype):
-    """Over GEMV_MAX_ROWS rows, --quant int8's layers dequantize (int8_rows_dequant) and run the float GEMM;
-    up to it, tidal's int8 GEMV (int8_rows_gemv, fp32 math). In fp32 both are the dequantized weights'
-    product up to summation order, at every row count the GEMV's tiles cover (1-16: tails of 6 and 4)."""
+    """Over INT8_GEMV_MAX_ROWS rows, --quant int8's layers dequantize (int8_rows_dequant) and run the float
+    GEMM; up to it, tidal's int8 GEMV (int8_rows_gemv, fp32 math). In fp32 both are the dequantized
+    weights' product up to summation order."""
     from tidal.kernels import cpu, quant_ops
     assert cpu.load() is not None, "the CPU kernels failed to build (see stderr)"
     qw = quantize(_weight(), 8, None)
@@ -119,9 +119,14 @@ def test_int8pack_runs_tidal_gemv_and_dequantizes_big_batches(dtype):
     y = layer(x)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert y.dtype == dtype and (y.float() - want).abs().max() <= tol * want.abs().max()
-    for rows in (1, 4, 7, quant_ops.GEMV_MAX_ROWS):
+    for rows in (1, 4, quant_ops.INT8_GEMV_MAX_ROWS, quant_ops.INT8_GEMV_MAX_ROWS + 1, 16):
         small = layer(x[:rows])
         assert small.dtype == dtype and (small.float() - want[:rows]).abs().max() <= tol * want.abs().max(), rows
+    gemv = cpu.load().int8_rows_gemv                # its tiles: rows 1-16 (6 + 6 + 4), every row tail
+    for rows in (7, 13, 16):
+        xr, layer_q = x[:rows].contiguous(), layer.packed
+        got = gemv(xr, layer_q[0], layer_q[3], layer_q[2]).float()
+        assert (got - want[:rows]).abs().max() <= tol * want.abs().max(), rows
     odd = quantize(torch.randn(7, 38), 8, None)     # rows not a multiple of 4, inputs not of 16
     xo = torch.randn(3, 38).to(dtype)
     yo, wo = QuantLinear(odd, path="int8pack")(xo).float(), xo.float() @ dequantize(odd).T

@@ -11,7 +11,7 @@ Owns: which QuantizedWeights each kernel can run (`cpu_paths`), repacking one in
 - "int8vnni": the same for int8 in groups of 32 (`--quant-head int8`: GGUF Q8_0's grid).
 - "int4pack": `_weight_int4pack_mm_for_cpu`; int4, group 32/64/128/256, out % 16 == 0.
 - "int8pack": int8 with one group per row (--quant int8). With the CPU kernels built, up to
-  GEMV_MAX_ROWS rows run tidal's GEMV on the stored bytes (`int8_rows_gemv`, fp32 math) and bigger
+  INT8_GEMV_MAX_ROWS rows run tidal's GEMV on the stored bytes (`int8_rows_gemv`, fp32 math) and bigger
   batches dequantize into the shared buffer (`int8_rows_dequant`) for the float GEMM; before they are
   built, torch's `_weight_int8pack_mm`.
 - "w8a8" (--quant w8a8 only; never picked for --quant int8, since it also rounds the activations):
@@ -49,6 +49,10 @@ _int4pack_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 _INT4_GROUPS = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 16   # int4vnni: batches up to this many rows take the GEMV, bigger ones dequantize + GEMM
 # (measured on SmolLM2's shapes: the GEMV is 1.4-1.6x faster at 16 rows, even at 24, 1.2-1.6x slower at 32+)
+INT8_GEMV_MAX_ROWS = 6   # int8pack: batches up to this many rows take int8_rows_gemv (fp32 math, whose cost
+# grows with the rows), bigger ones dequantize + GEMM. SmolLM2's 30 layers: 5.5 / 9.6 / 20.0 ms at 1 / 4 / 6
+# rows against 24.1 / 21.6 / 21.4 for dequantize + GEMM, 23.7 against 21.1 at 8 (torch's int8 kernel: 10.9,
+# 14.8, 23.8, 26.5; 40.7 at 16)
 _scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -149,11 +153,11 @@ def matmul(x: torch.Tensor, path: str, packed: tuple) -> torch.Tensor:
     qint8, scale, zero, scale32 = packed
     ext = cpu_kernels.ready()
     if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
-        if x.shape[0] <= GEMV_MAX_ROWS:
-            # decode: tidal's GEMV on the stored bytes, fp32 math (2.2x torch's int8 kernel at one row)
+        if x.shape[0] <= INT8_GEMV_MAX_ROWS:
+            # a few rows: tidal's GEMV on the stored bytes, fp32 math (2x torch's int8 kernel at one row)
             return ext.int8_rows_gemv(x.contiguous(), qint8, scale32, zero)
-        # prefill-sized batches: dequantize into the shared buffer and run the float GEMM (2.2-3.9x
-        # torch's int8 kernel at 64-512 rows on SmolLM2's shapes, 1.2-1.5x at 24)
+        # more: dequantize into the shared buffer and run the float GEMM (1.25-1.65x torch's int8 kernel
+        # at 8-16 rows, 2.2-3.9x at 64-512 on SmolLM2's shapes)
         out = scratch(qint8.shape[0], qint8.shape[1], x.dtype)
         ext.int8_rows_dequant(qint8, scale32, zero, out)
         return F.linear(x, out)
