@@ -154,10 +154,12 @@ class _Counting:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])   # qwen2: QKV with a bias
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_decode_gives_the_layer_path_tokens(ext, arch, dtype):
+@pytest.mark.parametrize("bits", [4, 8])                 # 8: --quant int8's per-row int8 (int8_rows_gemv)
+def test_fused_decode_gives_the_layer_path_tokens(ext, arch, dtype, bits):
     runner = make_runner(_tiny(arch), dtype=dtype)
     assert runner.fused_decode is None          # float weights: not fused
-    quantize_model(runner.model, 4)
+    paths = quantize_model(runner.model, bits)
+    assert set(paths.values()) == {"int4vnni" if bits == 4 else "int8pack"}, paths
     fused = build_fused_decode(runner.model)
     assert fused is not None
     g = torch.Generator().manual_seed(3)

@@ -1,11 +1,14 @@
 // A Llama-family decoder stack's decode step (every row one sequence's one new token) as one C++ call:
-// per layer RMSNorm, fused QKV (int4 GEMV, optional bias), rotary, K/V into the paged cache, paged decode
-// attention, O projection, RMSNorm, gate-up, SiLU-and-mul, down; the final norm after the last layer.
-// It runs the same kernel code the Python layers call for these shapes (rms_norm.cpp, int4_linear.cpp,
+// per layer RMSNorm, fused QKV (int4 GEMV, or --quant int8's per-row GEMV; optional bias), rotary, K/V into
+// the paged cache, paged decode attention, O projection, RMSNorm, gate-up, SiLU-and-mul, down; the final
+// norm after the last layer. Weights: (qdata uint8, scale, min) for int4, (qint8 int8, fp32 scale, fp32
+// zero) for int8 (quant_ops' int8pack tuple). It runs the same kernel code the Python layers call for
+// these shapes (rms_norm.cpp, int4_linear.cpp, w8a8_linear.cpp,
 // fused_ops.cpp, paged_decode.cpp), in the same order, so its output equals the layer-by-layer path
 // bit for bit; what it removes is ~40 Python-level calls and ~5 OpenMP fork/joins per layer: the whole
 // step is one parallel region. model/fused_decode.py builds it.
 #include <torch/extension.h>
+#include <algorithm>
 #include <exception>
 #include <vector>
 #include <omp.h>
@@ -13,8 +16,9 @@
 #include "int4_linear.h"
 
 namespace {
-struct Int4W {
+struct Int4W {  // or int8 per row (q int8): m is then the per-row zero
   torch::Tensor q, s, m;
+  bool int8() const { return q.scalar_type() == at::kChar; }
 };
 
 struct Layer {
@@ -33,7 +37,7 @@ class DecodeStack {
   void add_layer(torch::Tensor ln1, torch::Tensor ln2, std::vector<torch::Tensor> qkv, c10::optional<torch::Tensor> qkv_bias,
                  std::vector<torch::Tensor> o, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down) {
     auto w = [](const std::vector<torch::Tensor>& t) {
-      TORCH_CHECK(t.size() == 3, "an int4 weight is (qdata, scale, min)");
+      TORCH_CHECK(t.size() == 3, "a weight is (qdata, scale, min) for int4 or (qint8, scale, zero) for int8");
       return Int4W{t[0], t[1], t[2]};
     };
     layers_.push_back(Layer{ln1, ln2, w(qkv), w(o), w(gate_up), w(down), qkv_bias});
@@ -67,6 +71,7 @@ class DecodeStack {
     };
     torch::Tensor residual = x, q3;
     Int4Acts acts;
+    Int8RowActs acts8;
     const int64_t units = rows * KVH_;
     // One parallel region for the whole step (a fork/join costs several us; a step had ~150 of them):
     // the matmuls and the attention are split by rows / (sequence, KV head) per thread, the small ops
@@ -79,14 +84,23 @@ class DecodeStack {
       auto hi = [&](int64_t n) { return n * (tid + 1) / nt; };
       auto gemv = [&](const Int4W& w, torch::Tensor& out) {
         const int64_t n = w.q.size(0);
-        int4_gemv_range(acts, w.q, w.s, w.m, out, lo(n), hi(n));
+        if (w.int8()) {  // whole 4-row tiles per thread, as int8_rows_gemv splits them
+          const int64_t tiles = (n + 3) / 4;
+          int8_rows_gemv_range(acts8, w.q, w.s, w.m, out, 4 * lo(tiles), std::min(n, 4 * hi(tiles)));
+        } else {
+          int4_gemv_range(acts, w.q, w.s, w.m, out, lo(n), hi(n));
+        }
+      };
+      // the activations of the next matmul, in the form its weight's kernel reads
+      auto prepare = [&](const torch::Tensor& t, const Int4W& w) {
+        if (w.int8()) int8_rows_prepare(t, acts8);
+        else int4_quantize_acts(t, acts);
       };
       for (size_t i = 0; i < layers_.size(); ++i) {
         const Layer& L = layers_[i];
 #pragma omp single
         guarded([&] {
-          int4_quantize_acts(i == 0 ? add_rms_norm(x, c10::nullopt, L.ln1, eps_) : add_rms_norm(y, residual, L.ln1, eps_),
-                             acts);
+          prepare(i == 0 ? add_rms_norm(x, c10::nullopt, L.ln1, eps_) : add_rms_norm(y, residual, L.ln1, eps_), L.qkv);
         });
         gemv(L.qkv, qkv);
 #pragma omp barrier
@@ -109,15 +123,15 @@ class DecodeStack {
 #pragma omp barrier
         }
 #pragma omp single
-        guarded([&] { int4_quantize_acts(attn.view({rows, q_size}), acts); });
+        guarded([&] { prepare(attn.view({rows, q_size}), L.o); });
         gemv(L.o, o);
 #pragma omp barrier
 #pragma omp single
-        guarded([&] { int4_quantize_acts(add_rms_norm(o, residual, L.ln2, eps_), acts); });
+        guarded([&] { prepare(add_rms_norm(o, residual, L.ln2, eps_), L.gate_up); });
         gemv(L.gate_up, gu);
 #pragma omp barrier
 #pragma omp single
-        guarded([&] { int4_quantize_acts(silu_and_mul(gu), acts); });
+        guarded([&] { prepare(silu_and_mul(gu), L.down); });
         gemv(L.down, y);
 #pragma omp barrier
       }

@@ -1,6 +1,7 @@
 // The CPU ops of this extension, one declaration per op, bound to Python in bindings.cpp.
 #pragma once
 #include <torch/extension.h>
+#include <vector>
 
 torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor w, double eps);
 torch::Tensor silu_and_mul(torch::Tensor gu);
@@ -24,6 +25,15 @@ torch::Tensor w8a8_vnni(torch::Tensor x, torch::Tensor packed, torch::Tensor com
 // --quant int8's per-row weight as floats (w8a8_linear.cpp)
 void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero, torch::Tensor out);
 torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero);
+// int8_rows_gemv in pieces, for decode_stack.cpp's one parallel region: the activations as floats with
+// their row sums, then weight rows [n0, n1) (n0 a multiple of 4) into y [M, N]; s and z fp32, no checks or threads
+struct Int8RowActs {
+  std::vector<float> x, sum;
+  int64_t M = 0, K = 0;
+};
+void int8_rows_prepare(const torch::Tensor& x, Int8RowActs& a);
+void int8_rows_gemv_range(const Int8RowActs& a, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z,
+                          torch::Tensor& y, int64_t n0, int64_t n1);
 // kv_quant_ops.cpp: the group-wise int8 / int4 KV cache (kv/quant_cache.py)
 void kv_quant_write(torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc,
                     torch::Tensor slots, int64_t bits, int64_t group_size);

@@ -352,47 +352,69 @@ inline void gemv_tile(const float* x, int64_t K, const int8_t* q, const int8_t* 
 #endif
 }
 
+// weight rows [4 * b0, min(4 * b1, N)) of y = x @ q.T * s + sum(x) * z
 template <typename TO>
-void rows_gemv(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, const float* z, int64_t N, TO* y) {
+void gemv_blocks(const Int8RowActs& a, const int8_t* q, const float* s, const float* z, int64_t N, TO* y,
+                 int64_t b0, int64_t b1) {
   constexpr int MT = 6;
-  std::vector<float> xsum(M);
-  for (int64_t m = 0; m < M; ++m) {
-    float a = 0.f;
-    for (int64_t k = 0; k < K; ++k) a += x[m * K + k];
-    xsum[m] = a;
-  }
-  const int64_t full = N / GEMV_NR;
-  at::parallel_for(0, full + (N % GEMV_NR ? 1 : 0), 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * GEMV_NR, nr = std::min<int64_t>(GEMV_NR, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int64_t mt = std::min<int64_t>(MT, M - m0);
-        float dot[MT][GEMV_NR] = {};
-        if (nr < GEMV_NR) {  // the last rows when N % 4 != 0
-          for (int m = 0; m < mt; ++m)
-            for (int r = 0; r < nr; ++r)
-              for (int64_t k = 0; k < K; ++k) dot[m][r] += x[(m0 + m) * K + k] * static_cast<float>(q[(n0 + r) * K + k]);
-        } else {
-          const float* xm = x + m0 * K;
-          const int8_t* qn = q + n0 * K;
-          const int8_t* pf = m0 == 0 && n0 + (GEMV_PF + 1) * GEMV_NR <= N ? qn + GEMV_PF * GEMV_NR * K : nullptr;
-          switch (mt) {
-            case 1: gemv_tile<1>(xm, K, qn, pf, dot); break;
-            case 2: gemv_tile<2>(xm, K, qn, pf, dot); break;
-            case 3: gemv_tile<3>(xm, K, qn, pf, dot); break;
-            case 4: gemv_tile<4>(xm, K, qn, pf, dot); break;
-            case 5: gemv_tile<5>(xm, K, qn, pf, dot); break;
-            default: gemv_tile<6>(xm, K, qn, pf, dot);
-          }
-        }
+  const int64_t M = a.M, K = a.K;
+  const float* x = a.x.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * GEMV_NR, nr = std::min<int64_t>(GEMV_NR, N - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      const int64_t mt = std::min<int64_t>(MT, M - m0);
+      float dot[MT][GEMV_NR] = {};
+      if (nr < GEMV_NR) {  // the last rows when N % 4 != 0
         for (int m = 0; m < mt; ++m)
           for (int r = 0; r < nr; ++r)
-            y[(m0 + m) * N + n0 + r] = static_cast<TO>(s[n0 + r] * dot[m][r] + z[n0 + r] * xsum[m0 + m]);
+            for (int64_t k = 0; k < K; ++k) dot[m][r] += x[(m0 + m) * K + k] * static_cast<float>(q[(n0 + r) * K + k]);
+      } else {
+        const float* xm = x + m0 * K;
+        const int8_t* qn = q + n0 * K;
+        const int8_t* pf = m0 == 0 && n0 + (GEMV_PF + 1) * GEMV_NR <= N ? qn + GEMV_PF * GEMV_NR * K : nullptr;
+        switch (mt) {
+          case 1: gemv_tile<1>(xm, K, qn, pf, dot); break;
+          case 2: gemv_tile<2>(xm, K, qn, pf, dot); break;
+          case 3: gemv_tile<3>(xm, K, qn, pf, dot); break;
+          case 4: gemv_tile<4>(xm, K, qn, pf, dot); break;
+          case 5: gemv_tile<5>(xm, K, qn, pf, dot); break;
+          default: gemv_tile<6>(xm, K, qn, pf, dot);
+        }
       }
+      for (int m = 0; m < mt; ++m)
+        for (int r = 0; r < nr; ++r)
+          y[(m0 + m) * N + n0 + r] = static_cast<TO>(s[n0 + r] * dot[m][r] + z[n0 + r] * a.sum[m0 + m]);
     }
-  });
+  }
+}
+
+void gemv_blocks_any(const Int8RowActs& a, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z,
+                     torch::Tensor& y, int64_t b0, int64_t b1) {
+  const int64_t N = q.size(0);
+  if (y.scalar_type() == at::kFloat)
+    gemv_blocks<float>(a, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N, y.data_ptr<float>(), b0, b1);
+  else
+    gemv_blocks<at::BFloat16>(a, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N,
+                              y.data_ptr<at::BFloat16>(), b0, b1);
 }
 }  // namespace
+
+void int8_rows_prepare(const torch::Tensor& x, Int8RowActs& a) {
+  const auto xf = x.to(at::kFloat).contiguous();
+  a.M = x.size(0), a.K = x.size(1);
+  a.x.assign(xf.data_ptr<float>(), xf.data_ptr<float>() + a.M * a.K);
+  a.sum.assign(a.M, 0.f);
+  for (int64_t m = 0; m < a.M; ++m) {
+    float t = 0.f;
+    for (int64_t k = 0; k < a.K; ++k) t += a.x[m * a.K + k];
+    a.sum[m] = t;
+  }
+}
+
+void int8_rows_gemv_range(const Int8RowActs& a, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z,
+                          torch::Tensor& y, int64_t n0, int64_t n1) {
+  if (n1 > n0) gemv_blocks_any(a, q, s, z, y, n0 / GEMV_NR, (n1 + GEMV_NR - 1) / GEMV_NR);
+}
 
 torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero) {
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "int8_rows_gemv: q must be contiguous int8 [out, in]");
@@ -400,15 +422,12 @@ torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "int8_rows_gemv: x must be fp32 or bf16 [rows, in]");
   TORCH_CHECK(scale.numel() == N && zero.numel() == N, "int8_rows_gemv: one scale and zero per row");
-  const auto xf = x.to(at::kFloat).contiguous();
   const auto s = scale.to(at::kFloat).contiguous(), z = zero.to(at::kFloat).contiguous();
   auto y = torch::empty({x.size(0), N}, x.options());
   if (x.size(0) == 0) return y;
-  if (x.scalar_type() == at::kFloat)
-    rows_gemv<float>(xf.data_ptr<float>(), x.size(0), K, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N, y.data_ptr<float>());
-  else
-    rows_gemv<at::BFloat16>(xf.data_ptr<float>(), x.size(0), K, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N,
-                            y.data_ptr<at::BFloat16>());
+  Int8RowActs a;
+  int8_rows_prepare(x, a);
+  at::parallel_for(0, (N + GEMV_NR - 1) / GEMV_NR, 8, [&](int64_t b0, int64_t b1) { gemv_blocks_any(a, q, s, z, y, b0, b1); });
   return y;
 }
 
