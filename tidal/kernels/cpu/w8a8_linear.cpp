@@ -314,8 +314,10 @@ void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero,
 // --quant int8's weight for decode-sized batches, read as it is stored: y[m, n] = scale[n] * (x[m] . q[n])
 // + zero[n] * sum(x[m]), in fp32 (the activations stay floats: weight-only int8, exact up to fp32
 // summation order). Four weight rows at a time, each 16 bytes widened to floats once per tile of up to
-// six activation rows; one parallel region over the weight rows. torch's _weight_int8pack_mm, which it
-// replaces at these sizes, was 2.2x slower at one row on SmolLM2's layers and rounds in bf16.
+// six activation rows; one parallel region over the weight rows (or, through int8_rows_prepare /
+// int8_rows_gemv_range, decode_stack.cpp's). Its cost grows with the rows, so quant_ops uses it up to
+// INT8_GEMV_MAX_ROWS; torch's _weight_int8pack_mm, which it replaces there, was 2x slower at one row on
+// SmolLM2's layers and rounds in bf16.
 namespace {
 constexpr int GEMV_NR = 4;  // weight rows a tile
 constexpr int64_t GEMV_PF = 4;  // tiles prefetched ahead
