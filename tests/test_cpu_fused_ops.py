@@ -59,3 +59,30 @@ def test_rms_norm_is_bit_identical_to_torch(backend, dtype, hidden):
     out, new_res = backend.rms_norm(x, res, w, 1e-6)
     ref, ref_res = torch_ops.rms_norm(x, res_ref, w, 1e-6)
     assert torch.equal(out, ref) and torch.equal(new_res, ref_res) and torch.equal(res, ref_res)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(96, 192), (7, 38)])   # (7, 38): rows not a multiple of 4, inputs not of 16
+def test_prepacked_bf16_linear_at_decode_rows(backend, rows, shape):
+    """Up to BF16_GEMV_MAX_ROWS rows a prepacked bf16 linear that kept its plain weight (the LM head) runs
+    bf16_gemv (fp32 sums, rounded once to bf16), above it oneDNN, as does one whose weight was dropped
+    (a layer's): all are the float product within bf16 rounding (and the bias added)."""
+    from tidal.kernels import BF16_GEMV_MAX_ROWS
+    assert BF16_GEMV_MAX_ROWS == 4
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    bias = torch.randn(shape[0], generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, shape[1], generator=g).to(torch.bfloat16)
+    packed = backend.pack_linear(w)
+    if packed is None:
+        pytest.skip("no oneDNN bf16 prepacking in this torch")
+    want = x.float() @ w.float().T + bias.float()
+    for b in (None, bias):
+        y = backend.linear(x, w, b, packed)
+        ref = want if b is not None else want - bias.float()
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
+        assert ((y.float() - ref).abs() <= 2 ** -7 * ref.abs() + 2 ** -6 * ref.abs().max()).all()
+    dropped = backend.linear(x, torch.empty(0, dtype=torch.bfloat16), bias, packed)   # a packed layer's
+    assert ((dropped.float() - want).abs() <= 2 ** -7 * want.abs() + 2 ** -6 * want.abs().max()).all()
+    exact = cpu.load().bf16_gemv(x.float(), w)         # fp32 rows: fp32 sums, no rounding of the output
+    torch.testing.assert_close(exact, want - bias.float(), rtol=1e-5, atol=1e-5)

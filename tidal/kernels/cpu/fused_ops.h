@@ -25,6 +25,7 @@ torch::Tensor w8a8_vnni(torch::Tensor x, torch::Tensor packed, torch::Tensor com
 // --quant int8's per-row weight as floats (w8a8_linear.cpp)
 void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero, torch::Tensor out);
 torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero);
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w);
 // int8_rows_gemv in pieces, for decode_stack.cpp's one parallel region: the activations as floats with
 // their row sums, then weight rows [n0, n1) (n0 a multiple of 4) into y [M, N]; s and z fp32, no checks or threads
 struct Int8RowActs {

@@ -325,18 +325,25 @@ constexpr int64_t GEMV_PF = 4;  // tiles prefetched ahead
 // acc[m][r] = x[m] . q[n0 + r] for MT activation rows (compile-time, so the sums stay in registers)
 // pf: the rows GEMV_PF tiles ahead (or nullptr), prefetched into L2 a line at a time as this tile goes:
 // without it one thread streamed the weights at ~7 GB/s, latency-bound
-template <int MT>
-inline void gemv_tile(const float* x, int64_t K, const int8_t* q, const int8_t* pf, float (*dot)[GEMV_NR]) {
+// 16 weights from k as floats: int8, or bf16 (its bits are a float's top half)
+inline __m512 load16w(const int8_t* p, __mmask16 in) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, p))); }
+inline __m512 load16w(const at::BFloat16* p, __mmask16 in) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, p)), 16));
+}
+
+template <int MT, typename TW>
+inline void gemv_tile(const float* x, int64_t K, const TW* q, const TW* pf, float (*dot)[GEMV_NR]) {
 #ifdef __AVX512F__
+  constexpr int64_t LINE = 64 / sizeof(TW);  // weights a cache line
   __m512 acc[MT][GEMV_NR];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < GEMV_NR; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 in = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
-    if (pf && (k & 63) == 0)
+    if (pf && k % LINE == 0)
       for (int r = 0; r < GEMV_NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(pf + r * K + k), _MM_HINT_T1);
     __m512 w[GEMV_NR];
-    for (int r = 0; r < GEMV_NR; ++r) w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(in, q + r * K + k)));
+    for (int r = 0; r < GEMV_NR; ++r) w[r] = load16w(q + r * K + k, in);
     for (int m = 0; m < MT; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(in, x + m * K + k);
       for (int r = 0; r < GEMV_NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
@@ -354,9 +361,9 @@ inline void gemv_tile(const float* x, int64_t K, const int8_t* q, const int8_t* 
 #endif
 }
 
-// weight rows [4 * b0, min(4 * b1, N)) of y = x @ q.T * s + sum(x) * z
-template <typename TO>
-void gemv_blocks(const Int8RowActs& a, const int8_t* q, const float* s, const float* z, int64_t N, TO* y,
+// weight rows [4 * b0, min(4 * b1, N)) of y = x @ q.T * s + sum(x) * z (s, z null: y = x @ q.T)
+template <typename TO, typename TW>
+void gemv_blocks(const Int8RowActs& a, const TW* q, const float* s, const float* z, int64_t N, TO* y,
                  int64_t b0, int64_t b1) {
   constexpr int MT = 6;
   const int64_t M = a.M, K = a.K;
@@ -372,20 +379,20 @@ void gemv_blocks(const Int8RowActs& a, const int8_t* q, const float* s, const fl
             for (int64_t k = 0; k < K; ++k) dot[m][r] += x[(m0 + m) * K + k] * static_cast<float>(q[(n0 + r) * K + k]);
       } else {
         const float* xm = x + m0 * K;
-        const int8_t* qn = q + n0 * K;
-        const int8_t* pf = m0 == 0 && n0 + (GEMV_PF + 1) * GEMV_NR <= N ? qn + GEMV_PF * GEMV_NR * K : nullptr;
+        const TW* qn = q + n0 * K;
+        const TW* pf = m0 == 0 && n0 + (GEMV_PF + 1) * GEMV_NR <= N ? qn + GEMV_PF * GEMV_NR * K : nullptr;
         switch (mt) {
-          case 1: gemv_tile<1>(xm, K, qn, pf, dot); break;
-          case 2: gemv_tile<2>(xm, K, qn, pf, dot); break;
-          case 3: gemv_tile<3>(xm, K, qn, pf, dot); break;
-          case 4: gemv_tile<4>(xm, K, qn, pf, dot); break;
-          case 5: gemv_tile<5>(xm, K, qn, pf, dot); break;
-          default: gemv_tile<6>(xm, K, qn, pf, dot);
+          case 1: gemv_tile<1, TW>(xm, K, qn, pf, dot); break;
+          case 2: gemv_tile<2, TW>(xm, K, qn, pf, dot); break;
+          case 3: gemv_tile<3, TW>(xm, K, qn, pf, dot); break;
+          case 4: gemv_tile<4, TW>(xm, K, qn, pf, dot); break;
+          case 5: gemv_tile<5, TW>(xm, K, qn, pf, dot); break;
+          default: gemv_tile<6, TW>(xm, K, qn, pf, dot);
         }
       }
       for (int m = 0; m < mt; ++m)
         for (int r = 0; r < nr; ++r)
-          y[(m0 + m) * N + n0 + r] = static_cast<TO>(s[n0 + r] * dot[m][r] + z[n0 + r] * a.sum[m0 + m]);
+          y[(m0 + m) * N + n0 + r] = static_cast<TO>(s ? s[n0 + r] * dot[m][r] + z[n0 + r] * a.sum[m0 + m] : dot[m][r]);
     }
   }
 }
@@ -394,10 +401,9 @@ void gemv_blocks_any(const Int8RowActs& a, const torch::Tensor& q, const torch::
                      torch::Tensor& y, int64_t b0, int64_t b1) {
   const int64_t N = q.size(0);
   if (y.scalar_type() == at::kFloat)
-    gemv_blocks<float>(a, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N, y.data_ptr<float>(), b0, b1);
+    gemv_blocks(a, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N, y.data_ptr<float>(), b0, b1);
   else
-    gemv_blocks<at::BFloat16>(a, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N,
-                              y.data_ptr<at::BFloat16>(), b0, b1);
+    gemv_blocks(a, q.data_ptr<int8_t>(), s.data_ptr<float>(), z.data_ptr<float>(), N, y.data_ptr<at::BFloat16>(), b0, b1);
 }
 }  // namespace
 
@@ -430,6 +436,25 @@ torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor sca
   Int8RowActs a;
   int8_rows_prepare(x, a);
   at::parallel_for(0, (N + GEMV_NR - 1) / GEMV_NR, 8, [&](int64_t b0, int64_t b1) { gemv_blocks_any(a, q, s, z, y, b0, b1); });
+  return y;
+}
+
+// A bf16 weight [out, in] at a few rows, the same tiles and prefetch (fp32 math): oneDNN's prepacked
+// bf16 matmul read SmolLM2's head at ~25 GB/s at one row
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16, "bf16_gemv: w must be contiguous bf16 [out, in]");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "bf16_gemv: x must be fp32 or bf16 [rows, in]");
+  auto y = torch::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0) return y;
+  Int8RowActs a;
+  int8_rows_prepare(x, a);
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (N + GEMV_NR - 1) / GEMV_NR, 8, [&](int64_t b0, int64_t b1) {
+    if (y.scalar_type() == at::kFloat) gemv_blocks(a, wp, nullptr, nullptr, N, y.data_ptr<float>(), b0, b1);
+    else gemv_blocks(a, wp, nullptr, nullptr, N, y.data_ptr<at::BFloat16>(), b0, b1);
+  });
   return y;
 }
 
