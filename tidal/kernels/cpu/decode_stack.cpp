@@ -38,7 +38,13 @@ class DecodeStack {
                  std::vector<torch::Tensor> o, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down) {
     auto w = [](const std::vector<torch::Tensor>& t) {
       TORCH_CHECK(t.size() == 3, "a weight is (qdata, scale, min) for int4 or (qint8, scale, zero) for int8");
-      return Int4W{t[0], t[1], t[2]};
+      const Int4W w{t[0], t[1], t[2]};
+      // checked here: the step's parallel region must not throw
+      TORCH_CHECK(!w.int8() || (w.q.dim() == 2 && w.q.is_contiguous() && w.s.scalar_type() == at::kFloat &&
+                                w.m.scalar_type() == at::kFloat && w.s.is_contiguous() && w.m.is_contiguous() &&
+                                w.s.numel() == w.q.size(0) && w.m.numel() == w.q.size(0)),
+                  "an int8 weight is (contiguous int8 [out, in], fp32 scale [out], fp32 zero [out])");
+      return w;
     };
     layers_.push_back(Layer{ln1, ln2, w(qkv), w(o), w(gate_up), w(down), qkv_bias});
   }
