@@ -19,7 +19,7 @@ from tidal.kernels import host_kv, quant_ops, torch_ops
 from tidal.kv.quant_cache import QuantKVCache
 
 # a prepacked bf16 linear that still has its plain weight (the LM head: layers drop theirs when packed) takes
-# the CPU kernels' bf16_gemv (w8a8_linear.cpp) at up to this many rows: SmolLM2's head 2.41 -> 1.55 ms at
+# the CPU kernels' bf16_gemv (rows_gemv.cpp) at up to this many rows: SmolLM2's head 2.41 -> 1.55 ms at
 # one row, 1.93 -> 1.72 at 4, 2.7x slower than oneDNN at 6
 BF16_GEMV_MAX_ROWS = 4
 

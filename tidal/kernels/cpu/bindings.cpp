@@ -20,8 +20,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_vnni_pack", &w8a8_vnni_pack, "int8 [out, in] -> (VNNI panels, 128 * row sums) for w8a8_vnni (w8a8_linear.cpp)");
   m.def("w8a8_vnni", &w8a8_vnni, "w8a8_linear on a w8a8_vnni_pack'ed weight: tidal's own VNNI GEMM (w8a8_linear.cpp)");
   m.def("int8_rows_dequant", &int8_rows_dequant, "per-row int8 weight -> float into out (w8a8_linear.cpp)");
-  m.def("int8_rows_gemv", &int8_rows_gemv, "x @ per-row int8 weight^T for a few rows, fp32 math (w8a8_linear.cpp)");
-  m.def("bf16_gemv", &bf16_gemv, "x @ bf16 weight^T for a few rows, fp32 math (w8a8_linear.cpp)");
+  m.def("int8_rows_gemv", &int8_rows_gemv, "x @ per-row int8 weight^T for a few rows, fp32 math (rows_gemv.cpp)");
+  m.def("bf16_gemv", &bf16_gemv, "x @ bf16 weight^T for a few rows, fp32 math (rows_gemv.cpp)");
   m.def("kv_quant_write", &kv_quant_write, "quantize K/V rows into an int8/int4 paged cache at slots (kv_quant_ops.cpp)");
   m.def("kv_dequant_blocks", &kv_dequant_blocks, "int8/int4 cache blocks -> dense bf16 or fp32 (kv_quant_ops.cpp)");
   bind_decode_stack(m);

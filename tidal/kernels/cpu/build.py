@@ -27,9 +27,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # paged_decode_quant.cpp registers torch.ops.tidal_kv.paged_decode_quant (quantized KV caches);
 # fused_ops.cpp: SiLU-and-mul, rotary; rms_norm.cpp: RMSNorm+residual; int4_linear.cpp: int4 GEMV and
 # dequantize; decode_stack.cpp: a decoder stack's decode step; w8a8_linear.cpp: int8 x int8 batches;
+# rows_gemv.cpp: fp32-math GEMVs on per-row int8 and bf16 weights;
 # kv_quant_ops.cpp: the quantized KV cache's writes and block dequantization (all bound in bindings.cpp)
 SOURCES = ("bindings.cpp", "paged_decode.cpp", "paged_decode_quant.cpp", "fused_ops.cpp", "rms_norm.cpp", "prefill_bf16.cpp",
-           "int4_linear.cpp", "decode_stack.cpp", "w8a8_linear.cpp", "kv_quant_ops.cpp")
+           "int4_linear.cpp", "decode_stack.cpp", "w8a8_linear.cpp", "rows_gemv.cpp", "kv_quant_ops.cpp")
 HEADERS = ("fused_ops.h", "cpu_common.h", "avx512_common.h", "int4_linear.h", "paged_decode_bf16.h", "paged_decode_int8.h")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]

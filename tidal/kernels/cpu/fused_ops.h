@@ -24,6 +24,7 @@ torch::Tensor w8a8_vnni(torch::Tensor x, torch::Tensor packed, torch::Tensor com
                         c10::optional<torch::Tensor> wz, c10::optional<torch::Tensor> smooth);
 // --quant int8's per-row weight as floats (w8a8_linear.cpp)
 void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero, torch::Tensor out);
+// rows_gemv.cpp: a few rows times a per-row int8 or a bf16 weight, fp32 math
 torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero);
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w);
 // int8_rows_gemv in pieces, for decode_stack.cpp's one parallel region: the activations as floats with
