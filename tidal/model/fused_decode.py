@@ -45,6 +45,7 @@ def build_fused_decode(model) -> "FusedDecode | None":
         return None
     stack = ext.DecodeStack(first.num_heads, first.num_kv_heads, first.head_dim, float(model.norm.eps),
                             float(first.attn.scale), model.rotary.cos, model.rotary.sin, model.norm.weight)
+    int8 = False   # any per-row int8 layer: the stack is then worth it only up to INT8_GEMV_MAX_ROWS rows
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         parts = (_weight(attn.qkv_proj, bias_ok=True), _weight(attn.o_proj), _weight(mlp.gate_up_proj),
@@ -53,10 +54,9 @@ def build_fused_decode(model) -> "FusedDecode | None":
                 or layer.input_layernorm.eps != model.norm.eps or layer.post_attention_layernorm.eps != model.norm.eps:
             return None
         qkv, o, gate_up, down = parts
+        int8 = int8 or any(p[0].dtype == torch.int8 for p in parts)
         stack.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, qkv,
                         attn.qkv_proj.bias, o, gate_up, down)
-    int8 = any(lin.path == "int8pack" for layer in layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj))
     if int8 and not ext.int4_gemv_supported():   # DecodeStack's step is built only with AVX-512 VNNI
         return None
     return FusedDecode(model, stack, quant_ops.INT8_GEMV_MAX_ROWS if int8 else quant_ops.GEMV_MAX_ROWS)

@@ -77,7 +77,7 @@ class DecodeStack {
     };
     torch::Tensor residual = x, q3;
     Int4Acts acts;
-    Int8RowActs acts8;
+    RowActs acts8;
     const int64_t units = rows * KVH_;
     // One parallel region for the whole step (a fork/join costs several us; a step had ~150 of them):
     // the matmuls and the attention are split by rows / (sequence, KV head) per thread, the small ops
@@ -99,7 +99,7 @@ class DecodeStack {
       };
       // the activations of the next matmul, in the form its weight's kernel reads
       auto prepare = [&](const torch::Tensor& t, const Int4W& w) {
-        if (w.int8()) int8_rows_prepare(t, acts8);
+        if (w.int8()) rows_prepare(t, acts8);
         else int4_quantize_acts(t, acts);
       };
       for (size_t i = 0; i < layers_.size(); ++i) {

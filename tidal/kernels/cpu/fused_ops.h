@@ -28,13 +28,14 @@ void int8_rows_dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor zero,
 torch::Tensor int8_rows_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor zero);
 torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w);
 // int8_rows_gemv in pieces, for decode_stack.cpp's one parallel region: the activations as floats with
-// their row sums, then weight rows [n0, n1) (n0 a multiple of 4) into y [M, N]; s and z fp32, no checks or threads
-struct Int8RowActs {
+// their row sums (rows_prepare, also bf16_gemv's), then weight rows [n0, n1) (n0 a multiple of 4) into
+// y [M, N]; s and z fp32, no checks or threads
+struct RowActs {
   std::vector<float> x, sum;
   int64_t M = 0, K = 0;
 };
-void int8_rows_prepare(const torch::Tensor& x, Int8RowActs& a);
-void int8_rows_gemv_range(const Int8RowActs& a, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z,
+void rows_prepare(const torch::Tensor& x, RowActs& a);
+void int8_rows_gemv_range(const RowActs& a, const torch::Tensor& q, const torch::Tensor& s, const torch::Tensor& z,
                           torch::Tensor& y, int64_t n0, int64_t n1);
 // kv_quant_ops.cpp: the group-wise int8 / int4 KV cache (kv/quant_cache.py)
 void kv_quant_write(torch::Tensor k, torch::Tensor v, std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc,
