@@ -34,6 +34,11 @@ def load_model(model: str, dtype: torch.dtype, device: str = "cpu", dummy: bool 
             return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), path
     if os.path.isdir(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device), path
+    try:
+        import accelerate  # noqa: F401  (transformers needs it to load a GGUF file)
+    except ImportError:
+        raise SystemExit("hf_throughput.py: transformers loads a GGUF only with accelerate installed: "
+                         "pip install accelerate (the test extra has it: pip install -e '.[test]')")
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                 dtype=dtype).eval().to(device), path
 
