@@ -25,8 +25,10 @@ from tidal.bench import add_workload_args, format_table, make_record, make_resul
 from tidal.weights.loader import open_checkpoint, resolve_model_path
 
 
-def load_model(model: str, dtype: torch.dtype, device: str = "cpu", dummy: bool = False):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(model: str, dtype: torch.dtype, device: str = "cpu", dummy: bool = False, gguf_packed: bool = False):
+    """The model in transformers. A GGUF is dequantized into a dense model of `dtype` unless `gguf_packed`:
+    transformers 5.2x otherwise keeps its weights in GGUF blocks and casts around float32 matmul kernels."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig
     path = resolve_model_path(model)
     if dummy:  # random weights from config.json alone, like tidal's --load-format dummy
         config = AutoConfig.from_pretrained(path if os.path.isdir(path) else os.path.dirname(path))
@@ -39,8 +41,9 @@ def load_model(model: str, dtype: torch.dtype, device: str = "cpu", dummy: bool 
     except ImportError:
         raise SystemExit("hf_throughput.py: transformers loads a GGUF only with accelerate installed: "
                          "pip install accelerate (the test extra has it: pip install -e '.[test]')")
+    qc = None if gguf_packed else GgufConfig(dequantize=True)
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=dtype).eval().to(device), path
+                                                dtype=dtype, quantization_config=qc).eval().to(device), path
 
 
 @torch.inference_mode()
@@ -101,18 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights built from the model's config.json (no weight files)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--gguf-packed", action="store_true",
+                   help="keep a GGUF's weights in its quantized blocks (transformers' default) instead of a dense --dtype model")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    model, path = load_model(args.model, dtype, args.device, args.load_format == "dummy")
+    model, path = load_model(args.model, dtype, args.device, args.load_format == "dummy", args.gguf_packed)
     load_s = time.perf_counter() - t0
     tokenizer = open_checkpoint(args.model, require_weights=False).load_tokenizer() if args.dataset else None
     wl = workload_from_args(args, model.config.vocab_size, tokenizer)
     results, best_bs = sweep_batch_sizes(model, wl, args.batch_size, load_s, not args.no_tqdm)
     engine = {"name": "hf-transformers", "model": args.model, "model_path": path, "dtype": args.dtype,
               "device": args.device, "load_format": args.load_format, "batch_size": best_bs,
+              "gguf_weights": "packed" if args.gguf_packed else "dense",
               "args": {"batching": "static, sorted by output length, left padding", "min_new_tokens": "= max_new_tokens",
                        "do_sample": False, "batch_sizes_tried": [r["batch_size"] for r in results["sweep"]]}}
     record = make_record(wl, engine, results)
