@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tidal.errors import TidalError
-from tidal.sampling import (Sampler, SamplingMetadata, SamplingParams, filter_logits, process_logits)
+from tidal.sampling import (Sampler, SamplingMetadata, SamplingParams, filter_logits, plain_greedy, process_logits)
 from tidal.sampling_rng import row_uniforms
 
 CPU = torch.device("cpu")
@@ -246,6 +246,30 @@ def test_greedy_is_argmax_of_penalized_logits_and_fast_path_skips_filters(monkey
     tokens = sample(params, logits, outputs=[[7]] + [[]] * 5).token_ids
     assert tokens[0] != 7 and tokens[0] == logits[0].topk(2).indices[1]
     assert torch.equal(tokens[1:3], logits[1:3].argmax(-1))
+
+
+@pytest.mark.parametrize("knobs,outs,plain", [
+    ({}, [], True),
+    ({"min_tokens": 2, "max_tokens": 8}, [5, 6], True),           # min_tokens reached: nothing banned any more
+    ({"min_tokens": 2, "max_tokens": 8}, [5], False),
+    ({"temperature": 0.7}, [], False),
+    ({"logprobs": 0}, [], False),
+    ({"repetition_penalty": 1.3}, [], False),
+    ({"presence_penalty": 0.5}, [], False),
+    ({"frequency_penalty": 0.5}, [], False),
+    ({"logit_bias": {3: 100.0}}, [], False),
+    ({"allowed_token_ids": [1, 2]}, [], False),
+    ({"bad_words_token_ids": [[4]]}, [], False),
+])
+def test_plain_greedy_only_when_argmax_of_raw_logits_is_the_whole_step(knobs, outs, plain):
+    """The runner skips SamplingMetadata and the sampler on plain-greedy batches; it must say so only where
+    the sampler would return the raw argmax."""
+    params = SamplingParams(**{"temperature": 0.0, **knobs})
+    assert plain_greedy([SamplingParams(temperature=0.0), params], [[], outs]) is plain
+    if plain:
+        logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(9))
+        assert torch.equal(sample([SamplingParams(temperature=0.0), params], logits, outputs=[[], outs]).token_ids,
+                           logits.argmax(-1))
 
 
 def test_logprobs_are_log_softmax_of_raw_logits():

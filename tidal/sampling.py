@@ -178,6 +178,18 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, -math.inf)
 
 
+def plain_greedy(params: list[SamplingParams], output_token_ids: list[list[int]]) -> bool:
+    """True when the raw logits' argmax is the whole step for every row: greedy, no logprobs, no
+    penalties or logit controls, and min_tokens reached (nothing banned). The runner then skips building
+    `SamplingMetadata` (a dozen small tensors a step: ~0.1 ms, 2 % of a one-stream decode step)."""
+    for p, outs in zip(params, output_token_ids):
+        if (not p.greedy or p.logprobs is not None or p.logit_bias or p.allowed_token_ids or p.bad_words_token_ids
+                or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or len(outs) < p.min_tokens):
+            return False
+    return True
+
+
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """float32 logits after logit controls, penalties and min_tokens: what greedy rows take the argmax of."""
     logits = logits.to(torch.float32)
