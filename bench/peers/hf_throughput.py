@@ -14,6 +14,7 @@ the padding, count as waste (reported as generated_tokens_incl_waste).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -36,9 +37,7 @@ def load_model(model: str, dtype: torch.dtype, device: str = "cpu", dummy: bool 
             return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), path
     if os.path.isdir(path):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device), path
-    try:
-        import accelerate  # noqa: F401  (transformers needs it to load a GGUF file)
-    except ImportError:
+    if importlib.util.find_spec("accelerate") is None:   # transformers needs it to load a GGUF file
         raise SystemExit("hf_throughput.py: transformers loads a GGUF only with accelerate installed: "
                          "pip install accelerate (the test extra has it: pip install -e '.[test]')")
     qc = None if gguf_packed else GgufConfig(dequantize=True)
