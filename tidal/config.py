@@ -113,7 +113,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_jump_forward: bool = True         # append the tokens a grammar forces without a decode step
     quant: str = "none"
-    quant_head: str = "none"                 # the LM head: none (the checkpoint's precision), int8 or int4
+    quant_head: str = "none"                 # the LM head: none (the checkpoint's precision), int8, int4 or w8a8
     kv_quant: str = "none"
     device_mem: str | int | None = None
     host_mem: str | int | None = None
@@ -123,7 +123,7 @@ class EngineConfig:
     gen_len: int = 0                         # (0: 32)
     load_format: str = "auto"
     enforce_eager: bool = False
-    generation_config: str = "auto"          # sampling defaults: the checkpoint's (auto), none (vllm), or a folder
+    generation_config: str = "auto"          # sampling defaults: the checkpoint's (auto), vllm (none), or a folder
     kv_events_endpoint: str | None = None    # publish KV events (ZeroMQ PUB, vLLM's format) here: tcp://*:5557
 
     def __post_init__(self):
