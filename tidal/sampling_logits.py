@@ -1,6 +1,7 @@
 """Logit controls for a batch: `allowed_token_ids`, `bad_words` and `logit_bias` (vLLM's semantics).
 
-Owns: `LogitControls` (one step's controls as flat (row, token) tensors) and `bad_word_bans`
+Owns: `LogitControls` (one step's controls as flat (row, token) tensors), `uses_controls` (whether a
+request has any) and `bad_word_bans`
 (which tokens a row's bad words forbid next, given its output so far). They are applied together,
 before penalties, temperature and the filters, in vLLM's order: the allowed-ids mask, then bad
 words, then the bias. A step where no row uses any of them builds nothing and costs nothing.
@@ -17,6 +18,11 @@ from typing import Sequence
 import torch
 
 from tidal.sampling_params import SamplingParams
+
+
+def uses_controls(p: SamplingParams) -> bool:
+    """Whether `p` asks for any logit control (the sampler builds `LogitControls` only then)."""
+    return bool(p.logit_bias or p.allowed_token_ids or p.bad_words_token_ids)
 
 
 def bad_word_bans(bad_words_token_ids: list[list[int]], output_token_ids: Sequence[int]) -> list[int]:
@@ -49,7 +55,7 @@ class LogitControls:
     @classmethod
     def build(cls, params: list[SamplingParams], output_token_ids: list[Sequence[int]], vocab_size: int,
               device: torch.device) -> "LogitControls | None":
-        if not any(p.logit_bias or p.allowed_token_ids or p.bad_words_token_ids for p in params):
+        if not any(uses_controls(p) for p in params):
             return None
         restricted, al_rows, al_ids, ban_rows, ban_ids, b_rows, b_ids, b_vals = ([] for _ in range(8))
         for i, (p, outs) in enumerate(zip(params, output_token_ids)):

@@ -169,16 +169,16 @@ class ModelRunner:
             return out
         # fp32 before argmax too: torch's argmax over a bf16 row of 49,152 takes 178 us, .float() + argmax 65
         logits = self.model.compute_logits(torch.cat(hidden_rows) if len(hidden_rows) > 1 else hidden_rows[0]).float()
-        params = [s.sampling_params for s in states]
-        if grammar is None and plain_greedy(params, [s.output_token_ids for s in states]):
+        params, outputs = [s.sampling_params for s in states], [s.output_token_ids for s in states]
+        if grammar is None and plain_greedy(params, outputs):
             token_ids, chosen_lp, top = logits.argmax(dim=-1).tolist(), None, None   # argmax is the whole step
         else:
             if grammar is not None:   # before penalties and sampling, so greedy and seeded draws both obey it
                 row_of = {s.req_id: i for i, s in enumerate(states)}
                 apply_bitmask(logits, [row_of[rid] for rid in grammar.request_ids], grammar)
             smeta = SamplingMetadata.build(
-                params, [s.seed for s in states], [s.prompt_token_ids for s in states],
-                [s.output_token_ids for s in states], self.eos_token_ids, self.vocab_size, dev)
+                params, [s.seed for s in states], [s.prompt_token_ids for s in states], outputs,
+                self.eos_token_ids, self.vocab_size, dev)
             sampled = self.sampler(logits, smeta)
             token_ids = sampled.token_ids.tolist()
             chosen_lp = sampled.logprobs.tolist() if sampled.logprobs is not None else None
